@@ -1,0 +1,1 @@
+"""Networks with the exact math of their reference implementations, plus checkpoint loaders."""

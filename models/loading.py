@@ -1,0 +1,178 @@
+"""Checkpoint I/O shared by all model families: safe file readers and one strict loader.
+
+Weights are never unpickled as arbitrary objects (`.pth` goes through `torch.load(weights_only=True)`)
+and never materialised twice: modules are built on the meta device and the loaded tensors are
+assigned in place (`load_state_dict(assign=True)`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, TypeVar
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=nn.Module)
+StateDict = dict[str, torch.Tensor]
+
+_MAX_LISTED = 10
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: names the keys and the file."""
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    more = f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+    return shown + more
+
+
+def load_torch_file(path: str | Path) -> StateDict:
+    """A `.pth` state dict, loaded with `weights_only=True` (no arbitrary unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+        raise CheckpointError(f"cannot read {path} as a weights-only torch checkpoint: {exc}") from exc
+    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = sd["state_dict"]
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
+    return dict(sd)
+
+
+def load_safetensors_file(path: str | Path) -> StateDict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from exc
+
+
+def load_safetensors_dir(folder: str | Path, stem: str = "diffusion_pytorch_model") -> tuple[StateDict, str]:
+    """All tensors of `<stem>.safetensors` or of the shards listed in `<stem>.safetensors.index.json`.
+
+    Returns the state dict and a description of the file(s) for error messages.
+    """
+    folder = Path(folder)
+    single = folder / f"{stem}.safetensors"
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        sd: StateDict = {}
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            part = load_safetensors_file(folder / shard)
+            stray = sorted(k for k in part if weight_map.get(k) != shard)
+            if stray:
+                raise CheckpointError(f"{folder / shard} holds keys its index does not assign to it: {_listing(stray)}")
+            sd.update(part)
+        missing = sorted(set(weight_map) - set(sd))
+        if missing:
+            raise CheckpointError(f"{index} lists keys found in no shard: {_listing(missing)}")
+        return sd, f"{index} ({len(shards)} shards)"
+    if single.is_file():
+        return load_safetensors_file(single), str(single)
+    found = sorted(p.name for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+    if len(found) == 1:
+        return load_safetensors_file(folder / found[0]), str(folder / found[0])
+    raise CheckpointError(f"no {stem}.safetensors (or its .index.json) in {folder}; found {found or 'nothing'}")
+
+
+@contextlib.contextmanager
+def meta_device() -> Iterator[None]:
+    """Build modules without allocating their weights."""
+    with torch.device("meta"):
+        yield
+
+
+def load_strict(
+    module: M,
+    state_dict: Mapping[str, torch.Tensor],
+    source: str,
+    dtype: torch.dtype | None = None,
+    keep_fp32: Callable[[str], bool] = lambda name: False,
+    device: torch.device | str = "cpu",
+) -> M:
+    """Load `state_dict` into `module` (usually built on meta) or raise a `CheckpointError`.
+
+    Every missing key, unexpected key and shape mismatch is reported together, with `source`
+    (the file) named. Tensors are cast to `dtype`, except names for which `keep_fp32` is true.
+    Modules that own non-persistent buffers (e.g. RoPE tables) rebuild them in `init_buffers(device)`,
+    which is called on every submodule that defines it.
+    """
+    expected = module.state_dict(keep_vars=True)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(
+        f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in set(expected) & set(state_dict)
+        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches: {_listing(mismatched)}")
+    if problems:
+        raise CheckpointError(f"checkpoint {source} does not fit {type(module).__name__}: " + "; ".join(problems))
+
+    converted: StateDict = {}
+    for name, tensor in state_dict.items():
+        target = torch.float32 if (dtype is not None and keep_fp32(name)) else (dtype or expected[name].dtype)
+        if not tensor.is_floating_point():
+            target = tensor.dtype
+        converted[name] = tensor.to(device=device, dtype=target)
+    module.load_state_dict(converted, strict=True, assign=True)
+    for sub in module.modules():
+        init = getattr(sub, "init_buffers", None)
+        if callable(init):
+            init(torch.device(device))
+    leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"after loading {source}, tensors are still unallocated: {_listing(leftover)}")
+    return module.eval().requires_grad_(False)
+
+
+def save_safetensors_sharded(state_dict: Mapping[str, torch.Tensor], folder: str | Path,
+                             stem: str = "diffusion_pytorch_model", max_shard_bytes: int | None = None) -> None:
+    """Write `<stem>.safetensors`, or numbered shards plus an index when `max_shard_bytes` is exceeded."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in state_dict.items()}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        save_file(tensors, str(folder / f"{stem}.safetensors"))
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name))
+        weight_map.update({k: name for k in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
