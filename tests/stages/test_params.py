@@ -1,0 +1,135 @@
+"""Request schema: defaults, seeds, and error messages that name the field and its rule."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from pydantic import ValidationError
+
+from models.wan.config import SamplingDefaults, get_preset
+from stages.params import (
+    FIELD_RULES,
+    MAX_SEED,
+    WAN_DEFAULT_NEGATIVE_PROMPT,
+    GenerationParams,
+    format_validation_error,
+)
+
+
+def test_empty_fields_resolve_to_the_model_defaults() -> None:
+    preset = get_preset("wan2.2-t2v-a14b")
+    r = GenerationParams(prompt="a cat surfing").resolve(preset.defaults, preset.guidance_scale_2)
+    assert (r.height, r.width, r.num_frames, r.fps) == (480, 832, 81, 16)
+    assert (r.num_inference_steps, r.shift, r.sampler) == (40, 12.0, "unipc")
+    assert (r.guidance_scale, r.guidance_scale_2) == (4.0, 3.0)
+    assert r.prompt == "a cat surfing"
+    assert r.negative_prompt == WAN_DEFAULT_NEGATIVE_PROMPT
+    assert json.loads(r.model_dump_json()) == r.model_dump()  # recordable as result metadata
+
+
+def test_given_fields_override_the_defaults() -> None:
+    params = GenerationParams(prompt="p", negative_prompt="blurry", height=720, width=1280, num_frames=17,
+                              num_inference_steps=8, guidance_scale=6, guidance_scale_2=2.5, shift=8,
+                              seed=7, sampler="dpm++")
+    r = params.resolve(SamplingDefaults(), guidance_scale_2_default=3.0)
+    assert (r.height, r.width, r.num_frames, r.num_inference_steps) == (720, 1280, 17, 8)
+    assert (r.guidance_scale, r.guidance_scale_2, r.shift, r.seed, r.sampler) == (6.0, 2.5, 8.0, 7, "dpm++")
+    assert r.negative_prompt == "blurry"
+
+
+def test_default_negative_prompt_is_wans() -> None:
+    assert WAN_DEFAULT_NEGATIVE_PROMPT.startswith("色调艳丽，过曝，静态，")
+    assert WAN_DEFAULT_NEGATIVE_PROMPT.endswith("三条腿，背景人很多，倒着走")
+    assert len(WAN_DEFAULT_NEGATIVE_PROMPT) == 137
+    empty = GenerationParams(prompt="p", negative_prompt="").resolve(SamplingDefaults())
+    assert empty.negative_prompt == WAN_DEFAULT_NEGATIVE_PROMPT
+
+
+def test_single_expert_models_ignore_guidance_scale_2(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="stages.params"):
+        r = GenerationParams(prompt="p", guidance_scale=6.0, guidance_scale_2=2.0).resolve(SamplingDefaults(), None)
+    assert r.guidance_scale_2 == r.guidance_scale == 6.0
+    assert "guidance_scale_2=2.0 ignored" in caplog.text
+
+
+def test_seed_is_drawn_when_empty_and_kept_when_given() -> None:
+    params = GenerationParams(prompt="p")
+    seeds = {params.resolve(SamplingDefaults()).seed for _ in range(3)}
+    assert len(seeds) == 3  # independent 63-bit draws
+    assert all(0 <= s <= MAX_SEED for s in seeds)
+    fixed = GenerationParams(prompt="p", seed=MAX_SEED)
+    assert fixed.resolve(SamplingDefaults()).seed == fixed.resolve(SamplingDefaults()).seed == MAX_SEED
+
+
+def test_boundary_values_are_accepted() -> None:
+    GenerationParams(prompt="p", height=16, width=2048, num_frames=1, num_inference_steps=200,
+                     guidance_scale=0, guidance_scale_2=30, shift=100, seed=0, sampler="euler")
+    GenerationParams(prompt="p", num_frames=257)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("height", 100, "height must be a multiple of 16 between 16 and 2048, got 100"),
+    ("height", 2064, "height must be a multiple of 16 between 16 and 2048, got 2064"),
+    ("width", 0, "width must be a multiple of 16 between 16 and 2048, got 0"),
+    ("num_frames", 10, "num_frames must be of the form 4n+1 (1, 5, 9, ..., 81, ...) between 1 and 257, got 10"),
+    ("num_frames", 261, "between 1 and 257, got 261"),
+    ("num_inference_steps", 0, "num_inference_steps must be an integer between 1 and 200, got 0"),
+    ("num_inference_steps", 2.5, "num_inference_steps must be an integer between 1 and 200, got 2.5"),
+    ("guidance_scale", -1, "guidance_scale must be a number between 0 and 30, got -1"),
+    ("guidance_scale", float("nan"), "guidance_scale must be a number between 0 and 30, got nan"),
+    ("guidance_scale_2", 31, "guidance_scale_2 must be a number between 0 and 30, got 31"),
+    ("shift", 0, "shift must be a number greater than 0 and at most 100, got 0"),
+    ("seed", -1, "seed must be an integer between 0 and 2**63-1"),
+    ("seed", True, "seed must be an integer between 0 and 2**63-1 (9223372036854775807), or null for a random "
+                   "seed, got True"),
+    ("sampler", "ddim", "sampler must be one of 'unipc', 'euler', 'dpm++', got 'ddim'"),
+    ("prompt", "", "prompt must be a non-blank string of at most 2000 characters, got ''"),
+    ("prompt", "   ", "prompt must be a non-blank string of at most 2000 characters, got '   '"),
+    ("prompt", "x" * 2001, "prompt must be a non-blank string of at most 2000 characters, got a string of 2001 "
+                           "characters"),
+])
+def test_each_bad_field_names_itself_and_its_rule(field: str, value: object, message: str) -> None:
+    request = {"prompt": "a cat", field: value}
+    with pytest.raises(ValidationError) as info:
+        GenerationParams.model_validate(request)
+    (error,) = info.value.errors()
+    assert error["loc"] == (field,)
+    assert message in error["msg"]
+    assert message in format_validation_error(info.value)
+
+
+def test_unknown_field_is_refused_with_the_allowed_list() -> None:
+    with pytest.raises(ValidationError) as info:
+        GenerationParams(prompt="p", guidance=5.0)  # type: ignore[call-arg]
+    (error,) = info.value.errors()
+    assert error["loc"] == ("guidance",)
+    assert error["msg"].startswith("unknown field 'guidance'; allowed fields are prompt, negative_prompt, height")
+
+
+def test_missing_prompt_and_several_errors_give_one_line_each() -> None:
+    with pytest.raises(ValidationError) as info:
+        GenerationParams.model_validate({"height": 100, "steps": 3})
+    lines = format_validation_error(info.value).splitlines()
+    assert lines == [
+        "prompt is required and must be a non-blank string of at most 2000 characters",
+        "height must be a multiple of 16 between 16 and 2048, got 100",
+        "unknown field 'steps'; allowed fields are " + ", ".join(FIELD_RULES),
+    ]
+
+
+def test_non_object_request_is_explained() -> None:
+    with pytest.raises(ValidationError) as info:
+        GenerationParams.model_validate(["a cat"])
+    assert format_validation_error(info.value).startswith("the request must be an object with the fields prompt")
+
+
+def test_every_field_is_documented_and_has_a_rule() -> None:
+    fields = GenerationParams.model_fields
+    assert set(FIELD_RULES) == set(fields)
+    assert all(f.description for f in fields.values())
+    schema = GenerationParams.model_json_schema()
+    assert schema["additionalProperties"] is False
+    assert schema["properties"]["height"]["anyOf"][0] == {"type": "integer", "minimum": 16, "maximum": 2048,
+                                                          "multipleOf": 16}
