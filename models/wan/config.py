@@ -84,6 +84,9 @@ class WanDiTConfig:
             in_dim=int(cfg.get("in_channels", 16)),
             out_dim=int(cfg.get("out_channels", 16)),
             text_dim=int(cfg.get("text_dim", 4096)),
+            # diffusers has no text_len (its pipeline pads to max_sequence_length=512); small test
+            # checkpoints record theirs as an extra key, which diffusers ignores.
+            text_len=int(cfg.get("text_len", 512)),
             eps=float(cfg.get("eps", 1e-6)),
             patch_size=tuple(cfg.get("patch_size", (1, 2, 2))),
         )
@@ -106,6 +109,7 @@ class WanDiTConfig:
             "image_dim": None,
             "added_kv_proj_dim": None,
             "rope_max_seq_len": 1024,
+            "text_len": self.text_len,
         }
 
 

@@ -1,0 +1,34 @@
+"""Stage 3: latents -> video frames (Wan-VAE decode), as uint8 pixels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.wan.vae import WanVAE
+
+
+def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """video (3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8, rounded as diffusers' video processor does."""
+    pixels = ((video.float().clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8)
+    return pixels.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+
+
+class DecodeStage:
+    """Decodes one request's latents; the VAE always runs in fp32 (as the reference does)."""
+
+    def __init__(self, vae: WanVAE) -> None:
+        self.vae = vae
+        self.device = next(vae.parameters()).device
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "DecodeStage":
+        return cls(WanVAE.from_pretrained(path, dtype=torch.float32, device=device))
+
+    @torch.inference_mode()
+    def run(self, latents: torch.Tensor) -> np.ndarray:
+        """latents (C, F', H', W') normalised -> frames (4(F'-1)+1, 8H', 8W', 3) uint8."""
+        video = self.vae.decode(latents.to(self.device, torch.float32)[None])[0]
+        return to_uint8_frames(video)

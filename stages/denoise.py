@@ -1,0 +1,149 @@
+"""Stage 2: text embeddings + seed -> denoised latents, with classifier-free guidance.
+
+The stage advances a request in chunks of steps (`run_steps`), so whoever owns the stage can
+report progress, cancel or interleave requests between chunks. The per-request state
+(`DenoiseJob`) holds the latents and the sampler's history and stays where the DiT runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from models.attention import AttentionFn, auto_attention
+from models.wan.checkpoint import WanCheckpoint
+from models.wan.transformer import WanTransformer
+from stages.params import ResolvedParams
+from stages.samplers import FlowSampler, make_sampler
+from stages.text_encode import PromptEmbeddings
+
+logger = logging.getLogger(__name__)
+
+# Wan-VAE 2.1 compression (time, space) and latent channels: the DiT's latent grid follows from them.
+VAE_TEMPORAL_STRIDE = 4
+VAE_SPATIAL_STRIDE = 8
+LATENT_CHANNELS = 16
+
+ProgressFn = Callable[[int, int], None]
+"""Called as progress(steps_done, total_steps) after every denoising step."""
+
+
+def latent_shape(num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(C, F', H', W') of the latents for a video of num_frames x height x width (frames 4n+1)."""
+    return (
+        LATENT_CHANNELS,
+        (num_frames - 1) // VAE_TEMPORAL_STRIDE + 1,
+        height // VAE_SPATIAL_STRIDE,
+        width // VAE_SPATIAL_STRIDE,
+    )
+
+
+def initial_noise(params: ResolvedParams) -> torch.Tensor:
+    """fp32 Gaussian latents from the request's seed, drawn on the CPU so every device agrees.
+
+    (The official Wan code draws on CUDA, whose generator gives other numbers for the same seed.)
+    """
+    generator = torch.Generator("cpu").manual_seed(params.seed)
+    shape = latent_shape(params.num_frames, params.height, params.width)
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+@dataclass
+class DenoiseJob:
+    """One request's denoising state between step chunks. latents: (C, F', H', W') fp32 on CPU."""
+
+    params: ResolvedParams
+    embeddings: PromptEmbeddings
+    sampler: FlowSampler
+    latents: torch.Tensor
+    step: int = 0
+    step_times: list[float] = field(default_factory=list)
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.sampler.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+
+class DenoiseStage:
+    """Runs the DiT (one expert, or Wan2.2's high/low-noise pair) over the sampler's timesteps."""
+
+    def __init__(self, experts: Sequence[WanTransformer], boundary: float | None = None) -> None:
+        if len(experts) not in (1, 2) or (len(experts) == 2) != (boundary is not None):
+            raise ValueError("pass one expert, or two experts (high-noise first) with a boundary")
+        self.experts = list(experts)
+        self.boundary = boundary
+        first = next(self.experts[0].parameters())
+        self.device = first.device
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: WanCheckpoint, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu", attn_fn: AttentionFn = auto_attention,
+                        ) -> "DenoiseStage":
+        experts = [WanTransformer.from_pretrained(d, dtype=dtype, device=device) for d in checkpoint.transformer_dirs]
+        for expert in experts:
+            expert.attn_fn = attn_fn
+        return cls(experts, checkpoint.preset.boundary)
+
+    def needs_negative(self, params: ResolvedParams) -> bool:
+        """Whether any expert runs guided (guidance 1 is exactly the conditional branch alone)."""
+        scales = [params.guidance_scale] + ([params.guidance_scale_2] if len(self.experts) == 2 else [])
+        return any(g != 1.0 for g in scales)
+
+    def start(self, params: ResolvedParams, embeddings: PromptEmbeddings,
+              latents: torch.Tensor | None = None) -> DenoiseJob:
+        """A job at step 0; `latents` overrides the seeded noise (used by parity tests)."""
+        if self.needs_negative(params) and embeddings.negative is None:
+            raise ValueError("guided denoising needs negative-prompt embeddings")
+        sampler = make_sampler(params.sampler, params.num_inference_steps, params.shift)
+        noise = initial_noise(params) if latents is None else latents.to(torch.float32)
+        return DenoiseJob(params, embeddings, sampler, noise)
+
+    def _expert_and_guidance(self, timestep: int, params: ResolvedParams) -> tuple[WanTransformer, float]:
+        if self.boundary is None or timestep >= self.boundary * 1000:
+            return self.experts[0], params.guidance_scale
+        return self.experts[1], params.guidance_scale_2
+
+    @torch.inference_mode()
+    def velocity(self, job: DenoiseJob, timestep: torch.Tensor) -> torch.Tensor:
+        """The guided velocity v_u + g * (v_c - v_u) at one timestep (one batched forward for both branches)."""
+        model, guidance = self._expert_and_guidance(int(timestep), job.params)
+        x = job.latents.to(self.device)[None]
+        contexts = [job.embeddings.positive.to(self.device)]
+        if guidance != 1.0:
+            contexts.append(job.embeddings.negative.to(self.device))  # type: ignore[union-attr]
+        batch = len(contexts)
+        t = timestep.to(self.device).reshape(1).expand(batch)
+        v = model(x.expand(batch, *x.shape[1:]), t, contexts).float()
+        if batch == 1:
+            return v[0]
+        v_cond, v_uncond = v[0], v[1]
+        return v_uncond + guidance * (v_cond - v_uncond)
+
+    def run_steps(self, job: DenoiseJob, max_steps: int | None = None,
+                  progress: ProgressFn | None = None) -> DenoiseJob:
+        """Advance `job` by up to `max_steps` steps (all remaining when None)."""
+        end = job.total_steps if max_steps is None else min(job.total_steps, job.step + max_steps)
+        while job.step < end:
+            start = time.perf_counter()
+            timestep = job.sampler.timesteps[job.step]
+            v = self.velocity(job, timestep).cpu()
+            job.latents = job.sampler.step(v, job.step, job.latents)
+            job.step += 1
+            job.step_times.append(time.perf_counter() - start)
+            if progress is not None:
+                progress(job.step, job.total_steps)
+        return job
+
+    def run(self, params: ResolvedParams, embeddings: PromptEmbeddings,
+            progress: ProgressFn | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
+        """All steps at once; returns the final latents (C, F', H', W') fp32 on CPU."""
+        job = self.run_steps(self.start(params, embeddings, latents), progress=progress)
+        return job.latents

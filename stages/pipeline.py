@@ -1,0 +1,101 @@
+"""The in-process pipeline: text encode -> denoise -> decode in one process, no Ray.
+
+It is the reference path for the distributed service, the CLI's local mode and the baseline
+the benchmarks compare against. Each stage can also be built alone (the Ray actors do that).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from models.wan.checkpoint import WanCheckpoint
+from models.wan.config import WanPreset
+from stages.decode import DecodeStage
+from stages.denoise import DenoiseStage, ProgressFn
+from stages.params import GenerationParams, ResolvedParams
+from stages.text_encode import TextEncodeStage
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    """frames: (T, H, W, 3) uint8; timings: seconds per stage plus 'total'."""
+
+    frames: np.ndarray
+    params: ResolvedParams
+    timings: dict[str, float] = field(default_factory=dict)
+    latents: torch.Tensor | None = None
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 on CUDA (as the official pipeline runs), fp32 on CPU (bf16 matmuls are slow there)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+class Pipeline:
+    """Chains the three stages for one request at a time."""
+
+    def __init__(self, text_stage: TextEncodeStage, denoise_stage: DenoiseStage, decode_stage: DecodeStage,
+                 preset: WanPreset, model_name: str = "") -> None:
+        self.text_stage = text_stage
+        self.denoise_stage = denoise_stage
+        self.decode_stage = decode_stage
+        self.preset = preset
+        self.model_name = model_name or preset.name
+
+    @classmethod
+    def from_pretrained(cls, path_or_preset: str | Path | None = None, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu") -> "Pipeline":
+        """A checkpoint folder (original or diffusers layout), or None / a bundled model's name."""
+        from models.wan.default_model import resolve_model_path
+
+        root = resolve_model_path(path_or_preset)
+        checkpoint = WanCheckpoint.resolve(root)
+        dtype = dtype or default_dtype(device)
+        logger.info("loading %s (%s layout, preset %s) in %s on %s", root, checkpoint.layout,
+                    checkpoint.preset.name, dtype, device)
+        return cls(
+            TextEncodeStage.from_pretrained(checkpoint.text_encoder, checkpoint.preset.dit.text_len,
+                                            dtype=dtype, device=device),
+            DenoiseStage.from_pretrained(checkpoint, dtype=dtype, device=device),
+            DecodeStage.from_pretrained(checkpoint.vae, device=device),
+            checkpoint.preset,
+            model_name=str(root),
+        )
+
+    def resolve(self, params: GenerationParams | ResolvedParams | Mapping[str, Any]) -> ResolvedParams:
+        """Validate user params and fill every empty field with this model's default."""
+        if isinstance(params, ResolvedParams):
+            return params
+        if not isinstance(params, GenerationParams):
+            params = GenerationParams.model_validate(params)
+        return params.resolve(self.preset.defaults, self.preset.guidance_scale_2)
+
+    def generate(self, params: GenerationParams | ResolvedParams | Mapping[str, Any], progress: ProgressFn | None = None,
+                 latents: torch.Tensor | None = None) -> GenerationResult:
+        """Run one request end to end; `latents` replaces the seeded noise (parity tests)."""
+        resolved = self.resolve(params)
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+
+        negative = resolved.negative_prompt if self.denoise_stage.needs_negative(resolved) else None
+        (embeddings,) = self.text_stage.run([(resolved.prompt, negative)])
+        timings["text_encode"] = time.perf_counter() - start
+
+        mark = time.perf_counter()
+        final_latents = self.denoise_stage.run(resolved, embeddings, progress=progress, latents=latents)
+        timings["denoise"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        frames = self.decode_stage.run(final_latents)
+        timings["decode"] = time.perf_counter() - mark
+        timings["total"] = time.perf_counter() - start
+        return GenerationResult(frames, resolved, timings, final_latents)

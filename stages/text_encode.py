@@ -1,0 +1,46 @@
+"""Stage 1: prompts -> text embeddings (umT5), batched over every prompt it is given."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models.wan.text_encoder import WanTextEncoder
+
+
+@dataclass
+class PromptEmbeddings:
+    """One request's text conditioning; tensors are CPU float32, cut to their real length.
+
+    positive: (L_pos, text_dim); negative: (L_neg, text_dim), or None when guidance is off.
+    """
+
+    positive: torch.Tensor
+    negative: torch.Tensor | None
+
+
+class TextEncodeStage:
+    """Encodes the prompts of one or many requests in a single encoder forward."""
+
+    def __init__(self, encoder: WanTextEncoder) -> None:
+        self.encoder = encoder
+
+    @classmethod
+    def from_pretrained(cls, root: str | Path, text_len: int = 512, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "TextEncodeStage":
+        """text_len: the DiT's context length (longer prompts are cut to it, EOS kept)."""
+        return cls(WanTextEncoder.from_pretrained(root, dtype=dtype, device=device, text_len=text_len))
+
+    @torch.inference_mode()
+    def run(self, requests: list[tuple[str, str | None]]) -> list[PromptEmbeddings]:
+        """requests: (prompt, negative prompt or None when unguided) per request, in order."""
+        texts: list[str] = []
+        for prompt, negative in requests:
+            texts.append(prompt)
+            if negative is not None:
+                texts.append(negative)
+        encoded = iter(e.detach().to("cpu", torch.float32) for e in self.encoder.encode(texts))
+        return [PromptEmbeddings(next(encoded), next(encoded) if negative is not None else None)
+                for _, negative in requests]
