@@ -1,0 +1,62 @@
+"""The `smartdiff generate` command on the embedded default model (created in a temporary HOME)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stages.cli import main
+from stages.media import read_video
+
+
+@pytest.fixture()
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private HOME so the default model is created fresh, never reusing the user's cache."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    return tmp_path
+
+
+def test_generate_writes_mp4_and_sidecar(home: Path) -> None:
+    out = home / "clip.mp4"
+    code = main(["generate", "--prompt", "a red circle moving left", "--frames", "9", "--height", "32",
+                 "--width", "48", "--steps", "3", "--seed", "42", "--out", str(out), "-q"])
+    assert code == 0
+    frames = read_video(out)
+    assert frames.shape == (9, 32, 48, 3)
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["params"]["seed"] == 42 and record["params"]["num_inference_steps"] == 3
+    assert record["params"]["negative_prompt"]  # Wan's default negative prompt is recorded
+    assert record["preset"] == "wan-tiny" and record["frames"] == 9
+    assert set(record["timings_s"]) == {"text_encode", "denoise", "decode", "total"}
+    assert record["memory"]["host_peak_rss_mb"] > 0
+
+
+def test_one_frame_writes_png_and_seed_repeats(home: Path) -> None:
+    args = ["generate", "--prompt", "a blue square", "--frames", "1", "--height", "32", "--width", "32",
+            "--steps", "2", "--seed", "7", "-q"]
+    assert main([*args, "--out", str(home / "a.png")]) == 0
+    assert main([*args, "--out", str(home / "b.png")]) == 0
+    a, b = read_video(home / "a.png"), read_video(home / "b.png")
+    assert a.shape == (1, 32, 32, 3) and (a == b).all()
+
+
+def test_bad_parameter_names_the_field(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--prompt", "x", "--height", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "height" in err and "multiple of 16" in err
+    assert main(["generate", "--prompt", "x", "--frames", "10"]) == 2
+    assert "num_frames" in capsys.readouterr().err
+
+
+def test_missing_model_is_a_clear_error(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--prompt", "x", "--model", str(home / "nowhere")]) == 1
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_stages_never_import_ray() -> None:
+    code = "import sys, stages.pipeline, stages.cli; assert 'ray' not in sys.modules, 'stages imported ray'"
+    subprocess.run([sys.executable, "-c", code], check=True)
