@@ -1,0 +1,1 @@
+"""Feature-cache strategies for the denoiser, hooked on the DiT's prepare/blocks/finalize protocol."""

@@ -89,7 +89,7 @@ class DenoiseStage:
                         ) -> "DenoiseStage":
         experts = [WanTransformer.from_pretrained(d, dtype=dtype, device=device) for d in checkpoint.transformer_dirs]
         for expert in experts:
-            expert.attn_fn = attn_fn
+            expert.set_attention(attn_fn)
         return cls(experts, checkpoint.preset.boundary)
 
     def needs_negative(self, params: ResolvedParams) -> bool:
