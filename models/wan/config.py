@@ -92,7 +92,7 @@ class WanDiTConfig:
         )
 
     def to_diffusers_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "_class_name": "WanTransformer3DModel",
             "patch_size": list(self.patch_size),
             "num_attention_heads": self.num_heads,
@@ -109,8 +109,10 @@ class WanDiTConfig:
             "image_dim": None,
             "added_kv_proj_dim": None,
             "rope_max_seq_len": 1024,
-            "text_len": self.text_len,
         }
+        if self.text_len != 512:
+            out["text_len"] = self.text_len  # see from_diffusers_json
+        return out
 
 
 # Wan-VAE 2.1 latent normalisation (per channel), wan.md §5.4.
