@@ -1,0 +1,112 @@
+"""System params: one validated config for the service, the batch runner and the benchmarks.
+
+Built once at start-up from an optional YAML file plus `key.sub=value` overrides (CLI or Serve
+builder args); `extra="forbid"` everywhere, so a misspelt or renamed key fails at start-up.
+Only entry points build it; everything below receives it through constructors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PoolConfig(_Strict):
+    """A pool of identical stage actors, all in one placement group (one bundle per actor)."""
+
+    replicas: int = Field(1, ge=1, le=64, description="Number of actors in the pool.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor (its placement-group bundle).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor; 0 on CPU-only clusters.")
+
+
+class DiTConfig(_Strict):
+    """DiT groups: each is `world_size` rank actors in one STRICT_PACK placement group."""
+
+    groups: int = Field(1, ge=1, le=64, description="Independent DiT groups (data parallel across requests).")
+    world_size: int = Field(1, ge=1, le=64, description="Rank actors per group (one torch.distributed group).")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rank.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per rank (1 on GPU clusters).")
+    chunk_steps: int = Field(1, ge=1, le=1000,
+                             description="Denoising steps per dispatch: progress, cancellation and priorities "
+                                         "take effect between chunks.")
+    init_timeout_s: float = Field(120.0, gt=0, description="Time allowed for placement and process-group start-up.")
+
+
+class SchedulerConfig(_Strict):
+    max_pending_jobs: int = Field(32, ge=1, le=100_000,
+                                  description="Accepted but unfinished jobs; more are refused with 429 + Retry-After.")
+    text_batch_size: int = Field(8, ge=1, le=256, description="Requests encoded together in one text-encoder call.")
+    max_attempts: int = Field(2, ge=1, le=10,
+                              description="Tries per job when a stage actor dies (the pool is rebuilt between tries).")
+    retry_after_s: int = Field(5, ge=1, le=3600, description="Retry-After sent with 429/503 responses.")
+
+
+class ServiceConfig(_Strict):
+    """Everything the operator fixes at start-up (ARCHITECTURE.md: system params)."""
+
+    model: str | None = Field(None, description="Checkpoint folder (original or diffusers layout); "
+                                                "None = the embedded default model.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when actors get GPUs.")
+    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU.")
+    text_encoder: PoolConfig = PoolConfig()
+    dit: DiTConfig = DiTConfig()
+    vae: PoolConfig = PoolConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    job_store: Path = Field(Path("smartdiff-jobs.sqlite"), description="SQLite file recording every accepted job.")
+    output_dir: Path = Field(Path("outputs"), description="Where results (mp4/png + JSON sidecar) are written.")
+    resume_unfinished: bool = Field(True, description="On start-up, re-queue jobs a previous run accepted but did "
+                                                      "not finish (False: mark them failed with the reason).")
+
+    @model_validator(mode="after")
+    def _gpus_need_cuda(self) -> "ServiceConfig":
+        if self.device == "cpu" and (self.dit.num_gpus or self.vae.num_gpus or self.text_encoder.num_gpus):
+            raise ValueError("device is 'cpu' but GPUs are reserved for actors; set device to 'auto' or 'cuda'")
+        return self
+
+    def actor_device(self, num_gpus: float) -> str:
+        """The torch device of an actor that reserves `num_gpus`."""
+        if self.device == "auto":
+            return "cuda" if num_gpus > 0 else "cpu"
+        return self.device
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: Iterable[str] | Mapping[str, Any] = ()) -> "ServiceConfig":
+        """YAML file (optional) + overrides such as ``["dit.world_size=2", "model=/ckpt"]`` or a nested dict."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path} must hold a mapping of config keys")
+            data = loaded
+        items = overrides.items() if isinstance(overrides, Mapping) else (_split(o) for o in overrides)
+        for key, value in items:
+            _set_dotted(data, key, value)
+        return cls.model_validate(data)
+
+
+def _split(override: str) -> tuple[str, Any]:
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like key.sub=value")
+    key, raw = override.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    if isinstance(value, Mapping):
+        for sub, v in value.items():
+            _set_dotted(data, f"{key}.{sub}", v)
+        return
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"cannot set {key}: {part} is not a section")
+    node[leaf] = value
