@@ -92,15 +92,10 @@ class DenoiseStage:
             expert.set_attention(attn_fn)
         return cls(experts, checkpoint.preset.boundary)
 
-    def needs_negative(self, params: ResolvedParams) -> bool:
-        """Whether any expert runs guided (guidance 1 is exactly the conditional branch alone)."""
-        scales = [params.guidance_scale] + ([params.guidance_scale_2] if len(self.experts) == 2 else [])
-        return any(g != 1.0 for g in scales)
-
     def start(self, params: ResolvedParams, embeddings: PromptEmbeddings,
               latents: torch.Tensor | None = None) -> DenoiseJob:
         """A job at step 0; `latents` overrides the seeded noise (used by parity tests)."""
-        if self.needs_negative(params) and embeddings.negative is None:
+        if params.guided and embeddings.negative is None:
             raise ValueError("guided denoising needs negative-prompt embeddings")
         sampler = make_sampler(params.sampler, params.num_inference_steps, params.shift)
         noise = initial_noise(params) if latents is None else latents.to(torch.float32)

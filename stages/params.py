@@ -230,6 +230,11 @@ class ResolvedParams(BaseModel):
     sampler: SamplerName
     fps: int
 
+    @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance runs (guidance 1 is exactly the conditional branch alone)."""
+        return self.guidance_scale != 1.0 or self.guidance_scale_2 != 1.0
+
 
 def format_validation_error(exc: ValidationError) -> str:
     """One line per invalid field, for a CLI: each message already names the field and its rule."""

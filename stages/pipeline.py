@@ -86,7 +86,7 @@ class Pipeline:
         timings: dict[str, float] = {}
         start = time.perf_counter()
 
-        negative = resolved.negative_prompt if self.denoise_stage.needs_negative(resolved) else None
+        negative = resolved.negative_prompt if resolved.guided else None
         (embeddings,) = self.text_stage.run([(resolved.prompt, negative)])
         timings["text_encode"] = time.perf_counter() - start
 
