@@ -1,0 +1,303 @@
+"""A pool of identical stage actors in one placement group, shared by the engine's asyncio loop.
+
+One bundle per actor (PACK), so the pool reserves its resources up front and a replacement
+actor lands in the bundle its predecessor left. Calls wait for an idle actor in arrival order
+(FIFO), so one slow caller cannot be overtaken forever. When an actor dies, the call raises
+`StageActorDied` at once (the engine decides whether to retry) while a replacement loads in
+the background and takes the slot when it answers `ping`. Every other exception from the
+stage is passed through untouched.
+
+`reserve_placement_group` and `bundle_resources` are shared with the DiT group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import deque
+from typing import Any, Iterable
+
+import ray
+from ray.actor import ActorHandle
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.config import PoolConfig
+from actors.errors import StageActorDied, StageStartError, first_line, is_actor_death
+
+logger = logging.getLogger(__name__)
+
+
+def bundle_resources(num_cpus: float, num_gpus: float, stage: str) -> dict[str, float]:
+    """The placement-group bundle of one actor; Ray rejects a bundle whose resources are all 0."""
+    bundle = {k: float(v) for k, v in (("CPU", num_cpus), ("GPU", num_gpus)) if v > 0}
+    if not bundle:
+        raise ValueError(f"{stage}: num_cpus and num_gpus are both 0, so there is nothing to reserve for an "
+                         f"actor; set num_cpus to e.g. 0.5 (CPU) or num_gpus to 1 (GPU)")
+    return bundle
+
+
+def describe_shortfall(bundles: list[dict[str, float]], strategy: str) -> str:
+    """What the cluster lacks for `bundles`, for the error raised when a placement group stays pending."""
+    need: dict[str, float] = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            need[key] = need.get(key, 0.0) + value
+    total = ray.cluster_resources()
+    free = ray.available_resources()
+    parts = [f"needs {len(bundles)} x {bundles[0]} = {_fmt(need)} ({strategy})",
+             f"cluster has {_fmt({k: total.get(k, 0.0) for k in need})}, "
+             f"free {_fmt({k: free.get(k, 0.0) for k in need})}"]
+    missing = {k: v - free.get(k, 0.0) for k, v in need.items() if v > free.get(k, 0.0) + 1e-9}
+    if missing:
+        parts.append(f"missing {_fmt(missing)}")
+    if strategy == "STRICT_PACK":
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        if not any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in nodes):
+            best = max(nodes, key=lambda n: tuple(n.get(k, 0.0) for k in need), default={})
+            parts.append(f"STRICT_PACK needs it all on one node and the largest node has "
+                         f"{_fmt({k: best.get(k, 0.0) for k in need})}")
+    return "; ".join(parts) + ". Lower replicas/world_size/num_cpus/num_gpus in the service config, or add nodes."
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in resources.items()) + "}"
+
+
+async def reserve_placement_group(stage: str, bundles: list[dict[str, float]], strategy: str,
+                                  timeout_s: float) -> PlacementGroup:
+    """Create a placement group and wait until it is placed; on timeout remove it and say what is missing."""
+    pg = placement_group(bundles, strategy=strategy, name=f"smartdiff-{stage}-{uuid.uuid4().hex[:8]}")
+    try:
+        await asyncio.wait_for(_await_ref(pg.ready()), timeout_s)
+    except asyncio.TimeoutError:
+        detail = describe_shortfall(bundles, strategy)
+        remove_placement_group(pg)
+        raise StageStartError(stage, f"placement group not ready after {timeout_s:g} s: {detail}") from None
+    except BaseException:
+        remove_placement_group(pg)
+        raise
+    return pg
+
+
+async def _await_ref(ref: ray.ObjectRef) -> Any:
+    return await ref
+
+
+def kill_quietly(actor: ActorHandle | None) -> None:
+    """ray.kill that tolerates actors that are already gone."""
+    if actor is None:
+        return
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception as exc:  # noqa: BLE001  # already dead or never created: nothing left to stop
+        logger.debug("kill of %s ignored: %s", actor, exc)
+
+
+class StagePool:
+    """N identical actors of one stage (cfg.replicas), each in its own bundle of one PACK placement group."""
+
+    def __init__(self, name: str, actor_cls: type, actor_args: tuple = (), actor_kwargs: dict[str, Any] | None = None,
+                 cfg: PoolConfig = PoolConfig(), init_timeout_s: float = 120.0) -> None:
+        """name: the stage ("text_encode", "decode"), used in errors and logs; actor_cls: a plain class with ping()."""
+        self.name = name
+        self._actor_cls = actor_cls
+        self._remote_cls = ray.remote(actor_cls)
+        self._args = tuple(actor_args)
+        self._kwargs = dict(actor_kwargs or {})
+        self._cfg = cfg
+        self._bundle = bundle_resources(cfg.num_cpus, cfg.num_gpus, name)
+        self._init_timeout_s = init_timeout_s
+        self._pg: PlacementGroup | None = None
+        self._actors: list[ActorHandle | None] = []
+        self._idle: deque[int] = deque()
+        self._waiters: deque[asyncio.Future[int]] = deque()
+        self._replacing: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # ---- public API -------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Actor slots in the pool (cfg.replicas)."""
+        return self._cfg.replicas
+
+    @property
+    def idle(self) -> int:
+        """Slots free for a call right now (a slot whose replacement is loading is not idle)."""
+        return len(self._idle)
+
+    @property
+    def placement_group(self) -> PlacementGroup | None:
+        return self._pg
+
+    @property
+    def actors(self) -> list[ActorHandle | None]:
+        """The current actor of each slot (None while a replacement could not be started); for tests and metrics."""
+        return list(self._actors)
+
+    async def start(self) -> None:
+        """Reserve the placement group, spawn the actors and wait until every one has loaded its weights."""
+        if self._pg is not None or self._closed:
+            raise RuntimeError(f"{self.name} pool was already started (or shut down); build a new StagePool")
+        self._pg = await reserve_placement_group(self.name, [dict(self._bundle)] * self.size, "PACK",
+                                                 self._init_timeout_s)
+        try:
+            self._actors = [self._spawn(i) for i in range(self.size)]
+            await self._wait_ready(list(enumerate(self._actors)))
+        except BaseException:
+            await self.shutdown()
+            raise
+        self._idle = deque(range(self.size))
+        logger.info("%s pool started: %d actors of %s, bundle %s", self.name, self.size, self._actor_cls.__name__,
+                    self._bundle)
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run `method` on the next idle actor (FIFO among waiters).
+
+        Raises StageActorDied if the actor died (its replacement is spawned before this raises and
+        takes the slot once loaded);
+        any other exception from the actor propagates unchanged.
+        """
+        if self._pg is None or self._closed:
+            raise RuntimeError(f"{self.name} pool is not running; call start() first")
+        index = await self._acquire()
+        handed_over = False
+        try:
+            actor = self._actors[index]
+            if actor is None:  # an earlier replacement failed to load: try once more now
+                actor = await self._respawn(index)
+            result = await getattr(actor, method).remote(*args, **kwargs)
+        except BaseException as exc:
+            if not is_actor_death(exc):
+                raise
+            detail = f"actor {index} ({self._actor_cls.__name__}) died during {method}(): {first_line(exc)}"
+            logger.warning("%s pool: %s; replacing it", self.name, detail)
+            self._replace_in_background(index)
+            handed_over = True
+            raise StageActorDied(self.name, detail) from exc
+        finally:
+            if not handed_over:
+                self._release(index)
+        return result
+
+    async def shutdown(self) -> None:
+        """Kill every actor and release the placement group; waiting calls fail with RuntimeError."""
+        self._closed = True
+        for task in list(self._replacing):
+            task.cancel()
+        if self._replacing:
+            await asyncio.gather(*self._replacing, return_exceptions=True)
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(RuntimeError(f"{self.name} pool shut down"))
+        for actor in self._actors:
+            kill_quietly(actor)
+        self._actors = []
+        self._idle.clear()
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+
+    # ---- slots --------------------------------------------------------------------------------
+
+    async def _acquire(self) -> int:
+        if self._idle and not self._waiters:
+            return self._idle.popleft()
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # a slot was handed over as we were cancelled
+                self._release(waiter.result())
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+
+    def _release(self, index: int) -> None:
+        if self._closed:
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(index)
+                return
+        self._idle.append(index)
+
+    # ---- actors -------------------------------------------------------------------------------
+
+    def _spawn(self, index: int) -> ActorHandle:
+        assert self._pg is not None
+        return self._remote_cls.options(
+            num_cpus=self._cfg.num_cpus,
+            num_gpus=self._cfg.num_gpus,
+            max_restarts=0,  # a replacement is a fresh actor we start ourselves, in the same bundle
+            max_task_retries=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=index),
+        ).remote(*self._args, **self._kwargs)
+
+    async def _wait_ready(self, actors: Iterable[tuple[int, ActorHandle | None]]) -> None:
+        """Wait for ping() of each actor (its constructor loads the weights first), within init_timeout_s."""
+        pending = [(i, a) for i, a in actors if a is not None]
+
+        async def one(index: int, actor: ActorHandle) -> None:
+            try:
+                await actor.ping.remote()
+            except Exception as exc:
+                if is_actor_death(exc):
+                    raise StageStartError(self.name, f"actor {index} ({self._actor_cls.__name__}) died while "
+                                                     f"loading: {exc}") from exc
+                raise
+
+        try:
+            await asyncio.wait_for(asyncio.gather(*(one(i, a) for i, a in pending)), self._init_timeout_s)
+        except asyncio.TimeoutError:
+            raise StageStartError(self.name, f"actors {[i for i, _ in pending]} did not answer ping within "
+                                             f"{self._init_timeout_s:g} s (still loading weights? raise the "
+                                             f"init timeout)") from None
+
+    async def _respawn(self, index: int) -> ActorHandle:
+        """Start a fresh actor in slot `index` and wait until it is ready (StageActorDied if it cannot)."""
+        kill_quietly(self._actors[index])
+        self._actors[index] = actor = self._spawn(index)
+        try:
+            await self._wait_ready([(index, actor)])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            kill_quietly(actor)
+            self._actors[index] = None
+            raise StageActorDied(self.name, f"replacement for actor {index} failed to start: {exc}") from exc
+        return actor
+
+    def _replace_in_background(self, index: int) -> None:
+        """Kill the dead actor and spawn its replacement now; the slot returns to the pool once it answers ping."""
+        kill_quietly(self._actors[index])
+        if self._closed:  # the death was the shutdown itself
+            return
+        try:
+            self._actors[index] = self._spawn(index)
+        except Exception as exc:  # noqa: BLE001  # e.g. the placement group is gone; the next draw retries
+            logger.error("%s pool: could not spawn a replacement for actor %d: %s", self.name, index, exc)
+            self._actors[index] = None
+            self._release(index)
+            return
+        task = asyncio.get_running_loop().create_task(self._finish_replacement(index))
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
+
+    async def _finish_replacement(self, index: int) -> None:
+        try:
+            await self._wait_ready([(index, self._actors[index])])
+            logger.info("%s pool: actor %d replaced", self.name, index)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001  # logged; the slot stays empty and the next draw retries
+            logger.error("%s pool: replacement for actor %d failed to start: %s", self.name, index, exc)
+            kill_quietly(self._actors[index])
+            self._actors[index] = None
+        finally:
+            self._release(index)

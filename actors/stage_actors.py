@@ -1,0 +1,126 @@
+"""Actor classes for the text-encode and decode stages (the DiT ranks live in dit_group.py).
+
+They are plain classes: `StagePool` applies `ray.remote` when it spawns them, and tests can
+build them in-process. Each loads only its own stage's weights. Only numpy arrays and small
+dicts cross the actor boundary (numpy is 3-5x cheaper than torch tensors through Ray, ray.md §5);
+decoded pixels are written to the output store inside the decoder and never travel.
+
+torch and the stages are imported inside the methods so that the engine process, which
+imports this module for the class objects, does not load torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from models.wan.checkpoint import WanCheckpoint
+
+logger = logging.getLogger(__name__)
+
+DTYPE_NAMES = ("auto", "fp32", "bf16")
+
+
+def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
+    """ServiceConfig.dtype -> torch dtype: "auto" is bf16 on CUDA and fp32 on CPU (stages.pipeline.default_dtype)."""
+    import torch
+
+    from stages.pipeline import default_dtype
+
+    if dtype == "auto":
+        return default_dtype(device)
+    if dtype == "fp32":
+        return torch.float32
+    if dtype == "bf16":
+        return torch.bfloat16
+    raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+
+
+def resolve_model_folder(model: str | None) -> Path:
+    """The checkpoint folder for a path, or for the default model's name / None (created on first use).
+
+    A folder is returned as is: importing the default-model writer pulls in transformers,
+    which the engine, VAE and DiT processes would otherwise load for nothing.
+    """
+    if model is not None:
+        path = Path(model).expanduser()
+        if path.is_dir():
+            return path
+    from models.wan.default_model import resolve_model_path
+
+    return resolve_model_path(model)
+
+
+def resolve_checkpoint(model: str | None) -> "WanCheckpoint":
+    """The WanCheckpoint of a folder, or of the default model's name."""
+    from models.wan.checkpoint import WanCheckpoint
+
+    return WanCheckpoint.resolve(resolve_model_folder(model))
+
+
+class TextEncoderActor:
+    """Stage 1 in an actor: prompts -> float32 embeddings as numpy, cut to their real length."""
+
+    def __init__(self, model: str, dtype: str, device: str, text_len: int | None = None) -> None:
+        """text_len: None = the DiT's context length from the checkpoint's preset (what the DiT expects)."""
+        from stages.text_encode import TextEncodeStage
+
+        checkpoint = resolve_checkpoint(model)
+        self.text_len = text_len or checkpoint.preset.dit.text_len
+        torch_dtype = resolve_dtype(dtype, device)
+        self.stage = TextEncodeStage.from_pretrained(checkpoint.text_encoder, self.text_len, dtype=torch_dtype,
+                                                     device=device)
+        logger.info("text encoder loaded from %s (%s on %s, text_len %d, pid %d)", checkpoint.root, torch_dtype,
+                    device, self.text_len, os.getpid())
+
+    def encode(self, requests: list[tuple[str, str | None]]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """requests: (prompt, negative prompt or None) each -> (positive (L, D), negative (L', D) or None) float32."""
+        out = self.stage.run(list(requests))
+        return [(e.positive.numpy(), None if e.negative is None else e.negative.numpy()) for e in out]
+
+    def ping(self) -> str:
+        """Answers once the weights are loaded (the constructor runs before any method)."""
+        return f"text_encode pid {os.getpid()}"
+
+
+class VAEDecoderActor:
+    """Stage 3 in an actor: latents -> media file + JSON sidecar in the output store."""
+
+    def __init__(self, model: str, device: str) -> None:
+        from stages.decode import DecodeStage
+
+        checkpoint = resolve_checkpoint(model)
+        self.stage = DecodeStage.from_pretrained(checkpoint.vae, device=device)
+        logger.info("VAE loaded from %s (fp32 on %s, pid %d)", checkpoint.vae, device, os.getpid())
+
+    def decode(self, latents: np.ndarray, out_path: str, fps: int, record: dict[str, Any]) -> dict[str, Any]:
+        """latents (C, F', H', W') -> `out_path` (.mp4, or .png for one frame) + `<out_path stem>.json`.
+
+        record: what reproduces the result (params, model, timings so far); the sidecar holds it
+        plus frames/height/width/decode_s/output. Returns the paths and the frame geometry.
+        """
+        import torch
+
+        from stages.media import write_media, write_sidecar
+
+        start = time.perf_counter()
+        # Arrays from the object store are read-only views; the copy makes a tensor that owns its memory.
+        frames = self.stage.run(torch.tensor(latents, dtype=torch.float32))
+        decode_s = time.perf_counter() - start
+        path = write_media(frames, out_path, fps)
+        info = {"frames": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
+                "decode_s": decode_s}
+        sidecar = write_sidecar(path, {**record, **info, "output": str(path)})
+        return {"path": str(path), "sidecar": str(sidecar), **info}
+
+    def ping(self) -> str:
+        """Answers once the weights are loaded."""
+        return f"decode pid {os.getpid()}"

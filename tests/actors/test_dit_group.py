@@ -1,0 +1,195 @@
+"""DiT rank groups (gloo on CPU): parity with the in-process DenoiseStage over several chunks, cancel,
+the process-group and chunk checks, placement, and the group-wide failure path (kill a rank -> restart)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import ray
+
+from actors.config import DiTConfig, ServiceConfig
+from actors.dit_group import DiTGroup
+from actors.errors import StageActorDied
+from models.wan.checkpoint import WanCheckpoint
+from stages.denoise import DenoiseStage
+from stages.params import GenerationParams, ResolvedParams
+from stages.text_encode import TextEncodeStage
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def request_data(tiny_model: str) -> tuple[ResolvedParams, np.ndarray, np.ndarray, np.ndarray]:
+    """A guided 32x32, 5-frame, 3-step request, its embeddings, and the in-process final latents."""
+    checkpoint = WanCheckpoint.resolve(tiny_model)
+    params = GenerationParams(prompt="a red circle moving left", height=32, width=32, num_frames=5,
+                              num_inference_steps=STEPS, guidance_scale=5.0, seed=11).resolve(
+        checkpoint.preset.defaults, checkpoint.preset.guidance_scale_2)
+    (emb,) = TextEncodeStage.from_pretrained(checkpoint.text_encoder, checkpoint.preset.dit.text_len).run(
+        [(params.prompt, params.negative_prompt)])
+    assert emb.negative is not None
+    reference = DenoiseStage.from_pretrained(checkpoint).run(params, emb)
+    return params, emb.positive.numpy(), emb.negative.numpy(), reference.numpy()
+
+
+def _config(world_size: int) -> ServiceConfig:
+    return ServiceConfig(device="cpu", dit=DiTConfig(world_size=world_size, num_cpus=0.5, init_timeout_s=60))
+
+
+@pytest.fixture(scope="module")
+def groups(ray_cluster: None, tiny_model: str, run: Callable) -> Any:
+    """Groups of 1 and 2 ranks, started together (start-up is mostly each rank importing torch)."""
+    built = {w: DiTGroup(_config(w), group_index=w, model=tiny_model) for w in (1, 2)}
+
+    async def start_all() -> None:
+        await asyncio.gather(*(g.start() for g in built.values()))
+
+    run(start_all())
+    yield built
+    for group in built.values():
+        run(group.shutdown())
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_group_matches_in_process_denoise_over_chunks(groups: dict[int, DiTGroup], request_data: Any,
+                                                      world_size: int, run: Callable) -> None:
+    group = groups[world_size]
+    params, positive, negative, reference = request_data
+    assert group.world_size == world_size and not group.broken and run(group.ping())
+
+    info = [ray.get(r.group_info.remote()) for r in group.ranks]
+    expected_sum = world_size * (world_size + 1) // 2
+    assert info == [{"rank": i, "world_size": world_size, "backend": "gloo", "all_reduce_sum": expected_sum}
+                    for i in range(world_size)]
+
+    assert run(group.begin("job-a", params.model_dump(), positive, negative)) == STEPS
+    first = run(group.run_steps("job-a", 2))
+    assert (first["step"], first["total"], first["done"], len(first["step_times"])) == (2, STEPS, False, 2)
+    last = run(group.run_steps("job-a", 2))  # only one step is left
+    assert (last["step"], last["done"], len(last["step_times"])) == (STEPS, True, 1)
+    latents = run(group.result("job-a"))
+    assert latents.dtype == np.float32 and latents.shape == reference.shape
+    np.testing.assert_allclose(latents, reference, rtol=0, atol=1e-6)
+    assert [ray.get(r.jobs.remote()) for r in group.ranks] == [[]] * world_size
+
+
+def test_drop_mid_job_forgets_it_on_every_rank(groups: dict[int, DiTGroup], request_data: Any,
+                                               run: Callable) -> None:
+    group = groups[2]
+    params, positive, negative, _ = request_data
+    run(group.begin("job-b", params, positive, negative))  # a ResolvedParams works too
+    assert run(group.run_steps("job-b", 1))["step"] == 1
+    run(group.drop("job-b"))
+    run(group.drop("job-b"))  # idempotent
+    assert [ray.get(r.jobs.remote()) for r in group.ranks] == [[], []]
+    with pytest.raises(KeyError, match="unknown job 'job-b'"):
+        run(group.run_steps("job-b", 1))
+    assert not group.broken  # a Python error is not a rank death
+
+
+def test_result_before_the_last_step_is_refused(groups: dict[int, DiTGroup], request_data: Any,
+                                                run: Callable) -> None:
+    group = groups[2]
+    params, positive, negative, _ = request_data
+    run(group.begin("job-c", params.model_dump(), positive, negative))
+    with pytest.raises(ValueError, match="at step 0 of 3"):
+        run(group.result("job-c"))
+    assert [ray.get(r.jobs.remote()) for r in group.ranks] == [["job-c"], ["job-c"]]  # nothing was dropped
+    with pytest.raises(ValueError, match="already exists"):
+        run(group.begin("job-c", params.model_dump(), positive, negative))
+    run(group.drop("job-c"))
+
+
+def test_chunk_check_catches_ranks_that_disagree(groups: dict[int, DiTGroup], request_data: Any,
+                                                 run: Callable) -> None:
+    """Driven rank by rank (bypassing DiTGroup): the chunk-end all_reduce must fail every rank, never hang."""
+    group = groups[2]
+    params, positive, negative, _ = request_data
+    rank0, rank1 = group.ranks
+    run(group.begin("job-d", params.model_dump(), positive, negative))
+    uneven = [rank0.run_steps.remote("job-d", 1), rank1.run_steps.remote("job-d", 2)]
+    for ref in uneven:
+        with pytest.raises(RuntimeError, match=r"ranks disagree on the step \(1..2\)"):
+            ray.get(ref, timeout=30)
+    one_fails = [rank0.run_steps.remote("no-such-job", 1), rank1.run_steps.remote("job-d", 1)]
+    with pytest.raises(KeyError, match="unknown job 'no-such-job'"):
+        ray.get(one_fails[0], timeout=30)
+    with pytest.raises(RuntimeError, match="another rank failed"):
+        ray.get(one_fails[1], timeout=30)
+    run(group.drop("job-d"))
+
+
+def test_ping_is_answered_while_a_chunk_runs(groups: dict[int, DiTGroup], request_data: Any,
+                                            run: Callable) -> None:
+    """ping has its own concurrency group, so a health check does not wait for a long chunk (~1 s here)."""
+    group = groups[1]
+    params, positive, negative, _ = request_data
+    big = params.model_copy(update={"height": 128, "width": 128, "num_frames": 49, "num_inference_steps": 30})
+    run(group.begin("job-long", big, positive, negative))
+
+    async def ping_during_chunk() -> tuple[bool, bool, dict[str, Any]]:
+        chunk = asyncio.ensure_future(group.run_steps("job-long", 30))
+        await asyncio.sleep(0.05)
+        healthy = await group.ping(timeout_s=30)
+        return healthy, chunk.done(), await chunk
+
+    healthy, chunk_done_at_ping, answer = run(ping_during_chunk())
+    assert healthy and not chunk_done_at_ping and answer["done"]
+    run(group.drop("job-long"))
+
+
+def test_group_uses_one_strict_pack_bundle_per_rank(groups: dict[int, DiTGroup]) -> None:
+    for world_size, group in groups.items():
+        table = ray.util.placement_group_table(group.placement_group)
+        assert table["strategy"] == "STRICT_PACK" and table["state"] == "CREATED"
+        assert list(table["bundles"].values()) == [{"CPU": 0.5}] * world_size
+
+
+def test_killed_rank_breaks_the_group_and_restart_recovers(groups: dict[int, DiTGroup], request_data: Any,
+                                                           run: Callable,
+                                                           wait_until_dead: Callable[..., None]) -> None:
+    group = groups[2]
+    params, positive, negative, reference = request_data
+    run(group.begin("job-e", params.model_dump(), positive, negative))
+    run(group.run_steps("job-e", 1))
+    old_ranks = group.ranks
+    ray.kill(old_ranks[1])
+    wait_until_dead(old_ranks[1])
+
+    # Rank 0 runs the chunk and would block in the chunk-end all_reduce; the group must not wait for it.
+    began = time.monotonic()
+    with pytest.raises(StageActorDied, match="denoise") as caught:
+        run(asyncio.wait_for(group.run_steps("job-e", 1), 20))
+    assert time.monotonic() - began < 10
+    assert caught.value.stage == "denoise" and "rank actor 1" in caught.value.detail
+    assert group.broken
+    wait_until_dead(old_ranks[0])  # the survivor was killed, not left stuck in gloo
+    with pytest.raises(StageActorDied, match="restart"):
+        run(group.run_steps("job-e", 1))
+    assert not run(group.ping())
+
+    run(group.restart())
+    assert not group.broken and run(group.ping())
+    assert all(new != old for new, old in zip(group.ranks, old_ranks))
+    run(group.begin("job-e", params.model_dump(), positive, negative))  # the retried job
+    while not run(group.run_steps("job-e", 2))["done"]:
+        pass
+    np.testing.assert_allclose(run(group.result("job-e")), reference, rtol=0, atol=1e-6)
+
+
+def test_drop_with_a_dead_rank_does_not_raise_but_breaks_the_group(groups: dict[int, DiTGroup], run: Callable,
+                                                                  wait_until_dead: Callable[..., None]) -> None:
+    """Cancellation must not throw at the engine; the broken group shows on the next call instead."""
+    group = groups[2]
+    assert not group.broken
+    ray.kill(group.ranks[0])
+    wait_until_dead(group.ranks[0])
+    run(group.drop("job-f"))
+    assert group.broken
+    wait_until_dead(group.ranks[1])
+    with pytest.raises(StageActorDied, match="rank actor 0"):
+        run(group.begin("job-g", {}, np.zeros((1, 1), np.float32), None))

@@ -1,0 +1,172 @@
+"""Text-encoder and VAE-decoder actors behind StagePools of 2: parity with the in-process stages, media
+files written by the decoder, concurrency across actors, error pass-through and actor replacement."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from actors.config import PoolConfig
+from actors.errors import StageActorDied, StageStartError, is_actor_death
+from actors.pool import StagePool
+from actors.stage_actors import TextEncoderActor, VAEDecoderActor, resolve_dtype
+from models.wan.checkpoint import WanCheckpoint
+from stages.decode import DecodeStage
+from stages.media import read_video
+from stages.text_encode import TextEncodeStage
+
+POOL = PoolConfig(replicas=2, num_cpus=0.5)
+REQUESTS = [("a red circle moving left", "gray static background"), ("a small blue square", None)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model: str) -> WanCheckpoint:
+    return WanCheckpoint.resolve(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def pools(ray_cluster: None, tiny_model: str, run: Callable) -> Any:
+    text = StagePool("text_encode", TextEncoderActor, (tiny_model, "fp32", "cpu"), {}, POOL, init_timeout_s=90)
+    vae = StagePool("decode", VAEDecoderActor, (tiny_model, "cpu"), {}, POOL, init_timeout_s=90)
+    run(_all(text.start(), vae.start()))
+    yield text, vae
+    run(_all(text.shutdown(), vae.shutdown()))
+
+
+def test_resolve_dtype() -> None:
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("fp32", "cuda") == torch.float32 and resolve_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_dtype("fp16", "cpu")
+
+
+def test_pool_places_one_bundle_per_actor(pools: Any) -> None:
+    text, _ = pools
+    table = ray.util.placement_group_table(text.placement_group)
+    assert table["strategy"] == "PACK" and table["state"] == "CREATED"
+    assert list(table["bundles"].values()) == [{"CPU": 0.5}] * 2
+    assert text.size == 2 and text.idle == 2
+
+
+def test_encode_matches_in_process_stage(pools: Any, checkpoint: WanCheckpoint, run: Callable) -> None:
+    text, _ = pools
+    got = run(text.call("encode", REQUESTS))
+    reference = TextEncodeStage.from_pretrained(checkpoint.text_encoder, checkpoint.preset.dit.text_len).run(REQUESTS)
+    assert len(got) == len(reference) == 2
+    for (positive, negative), ref in zip(got, reference):
+        assert isinstance(positive, np.ndarray) and positive.dtype == np.float32
+        assert positive.shape[0] < checkpoint.preset.dit.text_len  # cut to the prompt's real length
+        np.testing.assert_array_equal(positive, ref.positive.numpy())
+        if ref.negative is None:
+            assert negative is None
+        else:
+            np.testing.assert_array_equal(negative, ref.negative.numpy())
+
+
+def test_decode_png_is_exact_and_mp4_has_every_frame(pools: Any, checkpoint: WanCheckpoint, tmp_path: Path,
+                                                     run: Callable) -> None:
+    _, vae = pools
+    rng = np.random.default_rng(0)
+    reference = DecodeStage.from_pretrained(checkpoint.vae)
+
+    still = rng.standard_normal((16, 1, 4, 4)).astype(np.float32)  # one latent frame -> one 32x32 frame -> png
+    info = run(vae.call("decode", still, str(tmp_path / "still.png"), 16, {"job_id": "still"}))
+    np.testing.assert_array_equal(read_video(info["path"]), reference.run(torch.from_numpy(still)))
+
+    latents = rng.standard_normal((16, 2, 4, 4)).astype(np.float32)  # 2 latent frames -> 5 frames
+    record = {"job_id": "clip", "params": {"seed": 3}}
+    info = run(vae.call("decode", latents, str(tmp_path / "clip.mp4"), 16, record))
+    assert info["path"] == str(tmp_path / "clip.mp4") and info["sidecar"] == str(tmp_path / "clip.json")
+    assert (info["frames"], info["height"], info["width"]) == (5, 32, 32) and info["decode_s"] > 0
+    video = read_video(info["path"])
+    assert video.shape == (5, 32, 32, 3)
+    # mp4 (yuv420p) is lossy: the frames are close to the exact decode, not equal.
+    error = np.abs(video.astype(np.float32) - reference.run(torch.from_numpy(latents)).astype(np.float32)).mean()
+    assert error < 20, f"mp4 frames differ from the decode by {error:.1f} grey levels on average"
+    sidecar = json.loads(Path(info["sidecar"]).read_text())
+    assert sidecar["job_id"] == "clip" and sidecar["params"] == {"seed": 3}
+    assert sidecar["frames"] == 5 and sidecar["output"] == info["path"] and sidecar["decode_s"] == info["decode_s"]
+
+
+def test_concurrent_calls_use_both_actors(pools: Any, run: Callable) -> None:
+    text, _ = pools
+
+    async def burst() -> tuple[int, list[str]]:
+        calls = [asyncio.ensure_future(text.call("ping")) for _ in range(5)]
+        await asyncio.sleep(0)  # every call has taken an actor or joined the queue
+        busy_idle = text.idle
+        return busy_idle, await asyncio.gather(*calls)
+
+    idle_while_busy, answers = run(burst())
+    assert idle_while_busy == 0
+    assert len(answers) == 5 and len(set(answers[:2])) == 2, answers  # the first two ran on different actors
+    assert len(set(answers)) == 2 and text.idle == 2
+
+
+def test_stage_errors_pass_through_unchanged(pools: Any, tmp_path: Path, run: Callable) -> None:
+    _, vae = pools
+    actors_before = vae.actors
+    latents = np.zeros((16, 2, 4, 4), np.float32)  # 5 frames cannot go into a png
+    with pytest.raises(ValueError, match="png holds one frame") as caught:
+        run(vae.call("decode", latents, str(tmp_path / "bad.png"), 16, {}))
+    assert not isinstance(caught.value, StageActorDied) and not is_actor_death(caught.value)
+    assert vae.actors == actors_before and vae.idle == 2
+
+
+def test_dead_actor_raises_then_is_replaced(pools: Any, run: Callable,
+                                            wait_until_dead: Callable[..., None]) -> None:
+    text, _ = pools
+    originals = text.actors
+    ray.kill(originals[0])
+    wait_until_dead(originals[0])
+
+    async def two_calls() -> list[Any]:  # with both actors idle, the two calls take one actor each
+        return await asyncio.gather(*(text.call("encode", REQUESTS[:1]) for _ in range(2)), return_exceptions=True)
+
+    outcomes = run(two_calls())
+    died = [o for o in outcomes if isinstance(o, StageActorDied)]
+    assert len(died) == 1, outcomes
+    assert died[0].stage == "text_encode" and "actor 0" in died[0].detail and "died during encode" in died[0].detail
+    assert "rebuilt" in str(died[0])
+
+    # The replacement starts in the dead actor's bundle; once it is ready the slot is back in the pool.
+    run(asyncio.wait_for(_until(lambda: text.idle == 2), 60))
+    replacement = text.actors[0]
+    assert replacement is not None and replacement != originals[0] and text.actors[1] == originals[1]
+    answers = run(_all(*(text.call("encode", REQUESTS[:1]) for _ in range(2))))  # one of them on the replacement
+    assert all(np.array_equal(a[0][0], answers[0][0][0]) for a in answers)
+    assert ray.get(replacement.ping.remote()) != ray.get(originals[1].ping.remote())
+
+
+def test_start_fails_clearly_when_resources_are_missing(ray_cluster: None, run: Callable) -> None:
+    pool = StagePool("decode", VAEDecoderActor, ("unused", "cpu"), {}, PoolConfig(replicas=2, num_gpus=1),
+                     init_timeout_s=1)
+    with pytest.raises(StageStartError, match=r"missing \{GPU: 2\}"):
+        run(pool.start())
+    assert pool.placement_group is None
+
+
+def test_start_fails_clearly_when_the_actor_cannot_load(ray_cluster: None, tmp_path: Path, run: Callable) -> None:
+    pool = StagePool("decode", VAEDecoderActor, (str(tmp_path), "cpu"), {},  # a folder without a checkpoint
+                     PoolConfig(replicas=1, num_cpus=0.5), init_timeout_s=60)
+    with pytest.raises(StageStartError, match="died while loading") as caught:
+        run(pool.start())
+    assert "is not a Wan checkpoint" in str(caught.value)
+    assert pool.placement_group is None and pool.actors == []
+
+
+async def _all(*coroutines: Any) -> list[Any]:
+    return await asyncio.gather(*coroutines)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.05)
