@@ -1,4 +1,4 @@
-"""Opt-in fixtures for the Ray tests of actors/: one local Ray for the session, the tiny model, an event loop.
+"""Opt-in fixtures for the Ray tests: one local Ray for the session, the tiny model, an event loop.
 
 Nothing here is autouse: the scheduler and job-store tests run without Ray.
 """
@@ -21,7 +21,8 @@ def ray_cluster() -> Iterator[None]:
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        # address="local": never attach to a cluster some other process started with `ray start`
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield
     if started:
         ray.shutdown()
