@@ -148,7 +148,7 @@ class DiTRankActor:
         import torch
 
         from stages.params import ResolvedParams
-        from stages.text_encode import PromptEmbeddings
+        from stages.embeddings import PromptEmbeddings
 
         if job_id in self._jobs:
             raise ValueError(f"job {job_id!r} already exists on rank {self.rank}; drop it before starting it again")

@@ -19,7 +19,7 @@ from models.wan.checkpoint import WanCheckpoint
 from models.wan.transformer import WanTransformer
 from stages.params import ResolvedParams
 from stages.samplers import FlowSampler, make_sampler
-from stages.text_encode import PromptEmbeddings
+from stages.embeddings import PromptEmbeddings
 
 logger = logging.getLogger(__name__)
 

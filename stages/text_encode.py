@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from models.wan.text_encoder import WanTextEncoder
-
-
-@dataclass
-class PromptEmbeddings:
-    """One request's text conditioning; tensors are CPU float32, cut to their real length.
-
-    positive: (L_pos, text_dim); negative: (L_neg, text_dim), or None when guidance is off.
-    """
-
-    positive: torch.Tensor
-    negative: torch.Tensor | None
+from stages.embeddings import PromptEmbeddings
 
 
 class TextEncodeStage:
