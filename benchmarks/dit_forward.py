@@ -11,6 +11,11 @@ bf16 follows each implementation's own precision policy: ours keeps `WanTransfor
 parameters and the residual stream in fp32; diffusers keeps its `_keep_in_fp32_modules` in fp32 (as
 its `from_pretrained(torch_dtype=bf16)` does) and carries the residual stream in bf16.
 
+Ours prepacks its CPU GEMM weights on the first (warm-up) forward (`PackedLinear`); the timed repeats
+exclude that, as they exclude diffusers' first-call costs. The JSON records both first forwards
+(`first_forward_s`) and the memory the packed copies take (`ours_packed_weight_bytes`, next to
+`ours_param_bytes`).
+
     .venv/bin/python benchmarks/dit_forward.py --layers 2 --frames 5 --height 24 --width 52 --repeats 7
 """
 
@@ -125,9 +130,12 @@ def run_dtype(cfg: WanDiTConfig, dtype: torch.dtype, args: argparse.Namespace,
     run_ref = lambda: ref(x, t, context, return_dict=False)[0]  # noqa: E731
     times: dict[str, list[float]] = {"ours": [], "diffusers": []}
     peaks: list[float] = []  # sampled between repeats: the machine's speed drifts when it is shared
+    first: dict[str, float] = {}
     with torch.inference_mode():
         for _ in range(args.warmup):
-            out_ours, out_ref = run_ours(), run_ref()
+            (t_ours, out_ours), (t_ref, out_ref) = timed(run_ours), timed(run_ref)
+            first.setdefault("ours", t_ours)
+            first.setdefault("diffusers", t_ref)
         for i in range(args.repeats):
             order = [("ours", run_ours), ("diffusers", run_ref)]
             for name, fn in order if i % 2 == 0 else order[::-1]:
@@ -158,6 +166,9 @@ def run_dtype(cfg: WanDiTConfig, dtype: torch.dtype, args: argparse.Namespace,
         "fraction_of_peak": {k: flops / v / 1e9 / peak for k, v in med.items()},
         "max_abs_err": err,
         "out_absmax": scale,
+        "first_forward_s": first,  # warm-up: includes our one-off weight packing
+        "ours_param_bytes": sum(p.numel() * p.element_size() for p in ours.parameters()),
+        "ours_packed_weight_bytes": ours.packed_weight_bytes(),
     }
     if fp32_reference is not None and dtype != torch.float32:
         result["max_abs_err_vs_fp32"] = {name: (out.float() - fp32_reference).abs().max().item()
@@ -224,6 +235,12 @@ def main(argv: list[str] | None = None) -> dict:
             f"{r['gflops']['ours']:.0f} | {r['gflops']['diffusers']:.0f} | "
             f"{r['matmul_peak_gflops']:.0f} | {r['fraction_of_peak']['ours']:.0%} | "
             f"{r['max_abs_err']:.2e} ({r['out_absmax']:.2f}) |")
+    for r in results:
+        first = r["first_forward_s"]
+        lines.append(f"\n{r['dtype']}: our packed weight copies {r['ours_packed_weight_bytes'] / 2**20:.0f} MiB on top "
+                     f"of {r['ours_param_bytes'] / 2**20:.0f} MiB of parameters; first forward (ours includes "
+                     f"packing) ours {first.get('ours', float('nan')):.3f} s, "
+                     f"diffusers {first.get('diffusers', float('nan')):.3f} s")
     for r in results:
         if "max_abs_err_vs_fp32" in r:
             e = r["max_abs_err_vs_fp32"]

@@ -9,11 +9,16 @@ Precision (wan.md §2.7): the residual stream, time embedding, modulation, norms
 whatever the weight dtype; the big matmuls (attention projections, FFN, text embedding, patch
 embedding) run in the weight dtype. `WanTransformer.keep_fp32` names the parameters that stay fp32.
 
-Speed (benchmarks/dit_forward.py), with the math unchanged: RoPE is a precomputed real cos/sin table
-applied as one complex product with the q/k RMSNorm scale folded in; RMSNorm takes its scale from one
-L2-norm pass; on CPU the FFN's first GEMM carries the tanh-GELU in its oneDNN epilogue and bf16 GEMMs
-take their bias in the epilogue. Fusing q/k/v into one GEMM was measured and gave nothing on CPU.
-This module is inference-only: no backward is promised through the fused paths.
+Speed (benchmarks/dit_forward.py), with the math unchanged: on CPU every large GEMM multiplies by a
+weight prepacked once into the oneDNN (bf16) or MKL (fp32) blocked layout (`PackedLinear`, Inductor's
+weight prepacking done by hand; it costs a second copy of the weights, see there), the FFN's and text
+MLP's first GEMM carries the tanh-GELU in its oneDNN epilogue and bf16 GEMMs take their bias in the
+epilogue; RoPE is a real cos/sin table, cached per grid, applied as one complex product with the q/k
+RMSNorm scale folded in; RMSNorm takes its scale from one L2-norm pass; the adaLN modulation is the affine
+part of the LayerNorm. Measured and dropped on CPU: fusing q/k/v into one GEMM, (B, H, L, D)-contiguous
+attention inputs, token-chunked FFN. This module is inference-only: with autograd recording, the GEMMs
+fall back to F.linear so the forward runs, but no backward is promised (the residual stream is updated
+in place).
 
 Block protocol, for feature caches and context parallelism that must not edit this file:
 `state = model.prepare(x, t, context)`, then `h = block(h, state.e0, state.context, state.rope)`
@@ -153,53 +158,147 @@ def _norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
                    dtype: torch.dtype) -> torch.Tensor:
     """LN(x) * (1 + scale) + shift in fp32 (non-affine LayerNorm), cast to `dtype`.
 
-    x: (B, L, d) fp32; shift/scale: (B, 1, d) fp32.
+    x: (B, L, d) fp32; shift/scale: (B, 1, d) fp32. The modulation is the affine part of one LayerNorm per
+    sample: one pass instead of two (CPU's non-affine LayerNorm is even slower than the affine one), and
+    bit-identical to LN then addcmul in our measurements.
     """
-    return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=eps), 1 + scale).to(dtype)
+    if x.shape[0] == 1:
+        return F.layer_norm(x, x.shape[-1:], 1 + scale[0, 0], shift[0, 0], eps).to(dtype)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    for i in range(x.shape[0]):
+        out[i] = F.layer_norm(x[i], x.shape[-1:], 1 + scale[i, 0], shift[i, 0], eps)
+    return out
 
 
-def _onednn_linear_pointwise() -> object | None:
-    """oneDNN's linear with a fused elementwise epilogue (the op Inductor uses on CPU), if this build has it."""
-    if not torch.backends.mkldnn.is_available():
-        return None
+def _op(namespace: str, name: str) -> object | None:
+    """`torch.ops.<namespace>.<name>` if this build has it (a CUDA-only or non-x86 build may not)."""
     try:
-        return torch.ops.mkldnn._linear_pointwise
+        return getattr(getattr(torch.ops, namespace), name)
     except (AttributeError, RuntimeError):
         return None
 
 
-_ONEDNN_LINEAR = _onednn_linear_pointwise()
+_ONEDNN_LINEAR = _op("mkldnn", "_linear_pointwise") if torch.backends.mkldnn.is_available() else None
+_ONEDNN_PACK = _op("mkldnn", "_reorder_linear_weight") if _ONEDNN_LINEAR is not None else None
+_ONEDNN_BF16_CHECK = _op("mkldnn", "_is_mkldnn_bf16_supported")
+_ONEDNN_BF16 = _ONEDNN_PACK is not None and _ONEDNN_BF16_CHECK is not None and bool(_ONEDNN_BF16_CHECK())
+_MKL_LINEAR = _op("mkl", "_mkl_linear") if torch.backends.mkl.is_available() else None
+_MKL_PACK = _op("mkl", "_mkl_reorder_linear_weight") if _MKL_LINEAR is not None else None
 
 
-def _onednn(x: torch.Tensor, layer: nn.Linear) -> bool:
-    """Whether `layer(x)` may use the oneDNN op: CPU, fp32/bf16, and no autograd (the op has no backward)."""
-    return (_ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and not (torch.is_grad_enabled() and layer.weight.requires_grad))
+@dataclass
+class _Packed:
+    """A packed weight and what it was packed from.
 
-
-def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """`layer(x)` with x cast to the weight dtype (the matmul dtype).
-
-    bf16 on CPU goes through oneDNN directly: the bias lands in the GEMM epilogue instead of being
-    copied into the output first (about 5% of a block). fp32 stays on F.linear (MKL), which is faster there.
+    `source` is a detached alias of the packed weight (same storage and version counter); holding it also
+    keeps a replaced weight's address from being reused, so the data_ptr check cannot match a new tensor.
     """
-    x = x.to(layer.weight.dtype)
-    if x.dtype == torch.bfloat16 and _onednn(x, layer):
-        return _ONEDNN_LINEAR(x, layer.weight, layer.bias, "none", [], "")
-    return F.linear(x, layer.weight, layer.bias)
+
+    kind: str  # "onednn" or "mkl"
+    weight: torch.Tensor
+    source: torch.Tensor
+    version: int
+    rows: int
 
 
-def _linear_gelu(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """gelu_tanh(layer(x)) in the weight dtype.
+class PackedLinear(nn.Linear):
+    """`nn.Linear` whose CPU inference path multiplies by a prepacked copy of its weight.
 
-    On CPU without autograd this is one oneDNN GEMM with the GELU applied to the fp32 accumulator in
-    its epilogue: it saves a full pass over the (L, ffn_dim) activation, the costliest elementwise op
-    of a block in bf16, and rounds once instead of twice.
+    oneDNN (bf16) and MKL (fp32) GEMMs work on the weight in a blocked layout; given a plain weight they
+    re-block it on every call, which cost up to 30% of a GEMM at Wan's shapes with 2 threads (most for the
+    512-row text GEMMs and the FFN up-projection; ~12% of the whole bf16 forward). Here the blocked copy is
+    made once, on first use, as Inductor's weight prepacking does:
+      - bf16: oneDNN blocked weight (`mkldnn._reorder_linear_weight`); `gelu=True` also runs the tanh-GELU on
+        the fp32 accumulator in the GEMM epilogue.
+      - fp32: MKL packed GEMM (`mkl._mkl_linear`, 5-15% faster than `F.linear` here), whose packing is
+        made for one row count and rebuilt when it changes; with `gelu=True`, the oneDNN blocked weight and
+        the fused GELU (faster than an MKL GEMM followed by a separate GELU pass).
+    The packed copy is a plain attribute, not a parameter or buffer: `state_dict`, `named_parameters`,
+    checkpoints and the parameter names see only the ordinary weight. It is used only on CPU, with no
+    autograd recording, outside `torch.compile` and for at least `min_rows` rows (a GEMV gains nothing);
+    otherwise, or when the ops are missing from the build, the layer is plain `F.linear`.
+
+    Invalidation: the pack is rebuilt when the weight's storage, version counter (any in-place write through
+    the parameter, e.g. `load_state_dict`), dtype, device or shape changes; it is dropped by `release_packed`,
+    `Module.to`/`cuda`/`half`/..., pickling and `deepcopy`. An in-place write through `weight.data` does not
+    bump the version counter: call `release_packed` after one.
+
+    Memory: the packed copy is a second copy of the weight, kept next to the plain one (which `state_dict`
+    returns and the fallback paths use, and which MKL's packed GEMM itself needs): +100% of the weight in
+    bf16, +125-185% in fp32 (MKL's packed format is padded; 27x for the 64-wide head, 10 MB). For the
+    Wan2.1-1.3B DiT in bf16 that is +2.6 GB of CPU memory, for a 14B expert +28 GB
+    (`WanTransformer.packed_weight_bytes` reports it). Set `prepack = False`
+    (`WanTransformer.set_weight_prepacking(False)`) to trade the speed for the memory. Replacing the plain
+    weight by the packed one is not done: parameters, `state_dict`, `.to()` and the autograd path need it.
     """
-    x = x.to(layer.weight.dtype)
-    if _onednn(x, layer):
-        return _ONEDNN_LINEAR(x, layer.weight, layer.bias, "gelu", [], "tanh")
-    return F.gelu(F.linear(x, layer.weight, layer.bias), approximate="tanh")
+
+    min_rows = 32
+    prepack = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._packed: _Packed | None = None
+
+    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        """`layer(x)`, or gelu_tanh(layer(x)) with `gelu`, in the weight dtype (x is cast to it first)."""
+        x = x.to(self.weight.dtype)
+        packed = self._packed_for(x, gelu)
+        if packed is None:
+            y = F.linear(x, self.weight, self.bias)
+            return F.gelu(y, approximate="tanh") if gelu else y
+        if packed.kind == "mkl":
+            return _MKL_LINEAR(x, packed.weight, self.weight, self.bias, packed.rows)
+        return _ONEDNN_LINEAR(x, packed.weight, self.bias, "gelu" if gelu else "none", [], "tanh" if gelu else "")
+
+    def _packed_for(self, x: torch.Tensor, gelu: bool) -> _Packed | None:
+        """The packed weight for this call (made or rebuilt if needed), or None for the plain path."""
+        w, dtype = self.weight, self.weight.dtype
+        rows = x.numel() // max(x.shape[-1], 1)
+        if not (self.prepack and x.device.type == "cpu" and rows >= self.min_rows):
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                        or (self.bias is not None and self.bias.requires_grad)):
+            return None  # the packed ops have no backward
+        if torch.compiler.is_compiling():
+            return None  # Inductor packs weights itself
+        if dtype == torch.bfloat16 and _ONEDNN_BF16:
+            kind = "onednn"
+        elif dtype == torch.float32 and gelu and _ONEDNN_PACK is not None:
+            kind = "onednn"
+        elif dtype == torch.float32 and not gelu and _MKL_PACK is not None:
+            kind = "mkl"
+        else:
+            return None
+        p = self._packed
+        if (p is not None and p.kind == kind and p.source.data_ptr() == w.data_ptr() and p.source.dtype == dtype
+                and p.source.device == w.device and p.source.shape == w.shape and p.version == w._version
+                and (kind == "onednn" or p.rows == rows)):
+            return p
+        self._packed = None  # free the stale copy before making the new one
+        with torch.inference_mode(False), torch.no_grad():
+            source = w.detach()
+            packed = _MKL_PACK(source, rows) if kind == "mkl" else _ONEDNN_PACK(source, rows)
+        self._packed = _Packed(kind, packed, source, w._version, rows)
+        return self._packed
+
+    def release_packed(self) -> None:
+        """Drop the packed copy (it is rebuilt on the next CPU inference call if `prepack` is set)."""
+        self._packed = None
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes held by the packed copy (0 when there is none)."""
+        p = self._packed
+        return 0 if p is None else p.weight.numel() * p.weight.element_size()
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        self._packed = None  # .to() / .cuda() / .half() ...: the pack belongs to the old tensors
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_packed"] = None  # opaque oneDNN/MKL tensors can neither be pickled nor deep-copied
+        return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,10 +310,10 @@ class WanSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float, attn_fn: AttentionFn) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
+        self.q = PackedLinear(dim, dim)
+        self.k = PackedLinear(dim, dim)
+        self.v = PackedLinear(dim, dim)
+        self.o = PackedLinear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
         self.attn_fn = attn_fn
@@ -222,11 +321,11 @@ class WanSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
         """x: (B, L, d) in the matmul dtype; rope: tables for these L tokens -> (B, L, d) in the matmul dtype."""
         dtype = self.q.weight.dtype
-        q = self.norm_q(_linear(x, self.q), rope, self.num_heads).to(dtype)
-        k = self.norm_k(_linear(x, self.k), rope, self.num_heads).to(dtype)
-        v = _linear(x, self.v).unflatten(-1, (self.num_heads, -1))
+        q = self.norm_q(self.q(x), rope, self.num_heads).to(dtype)
+        k = self.norm_k(self.k(x), rope, self.num_heads).to(dtype)
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
         out = self.attn_fn(q, k, v)
-        return _linear(out.flatten(2), self.o)
+        return self.o(out.flatten(2))
 
 
 class WanCrossAttention(nn.Module):
@@ -235,22 +334,22 @@ class WanCrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
+        self.q = PackedLinear(dim, dim)
+        self.k = PackedLinear(dim, dim)
+        self.v = PackedLinear(dim, dim)
+        self.o = PackedLinear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: (B, L, d), context: (B, text_len, d), both in the matmul dtype -> (B, L, d)."""
         dtype = self.q.weight.dtype
-        q = self.norm_q(_linear(x, self.q)).to(dtype).unflatten(-1, (self.num_heads, -1))
-        k = self.norm_k(_linear(context, self.k)).to(dtype).unflatten(-1, (self.num_heads, -1))
-        v = _linear(context, self.v).unflatten(-1, (self.num_heads, -1))
+        q = self.norm_q(self.q(x)).to(dtype).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(self.k(context)).to(dtype).unflatten(-1, (self.num_heads, -1))
+        v = self.v(context).unflatten(-1, (self.num_heads, -1))
         # The text keys are never sharded, so cross-attention bypasses the context-parallel seam.
         out = auto_attention(q, k, v)
-        return _linear(out.flatten(2), self.o)
+        return self.o(out.flatten(2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +367,8 @@ class WanBlock(nn.Module):
         self.self_attn = WanSelfAttention(dim, num_heads, eps, attn_fn)
         self.norm3 = nn.LayerNorm(dim, eps=eps, elementwise_affine=True)
         self.cross_attn = WanCrossAttention(dim, num_heads, eps)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.ffn = nn.Sequential(PackedLinear(dim, ffn_dim), nn.GELU(approximate="tanh"),
+                                 PackedLinear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor, rope: RopeTables) -> torch.Tensor:
@@ -288,7 +388,7 @@ class WanBlock(nn.Module):
         x += self.cross_attn(h.to(dtype), context)
         # 3. FFN, gated
         h = _norm_modulate(x, shift_f, scale_f, self.eps, dtype)
-        x.addcmul_(_linear(_linear_gelu(h, self.ffn[0]), self.ffn[2]), gate_f)
+        x.addcmul_(self.ffn[2](self.ffn[0](h, gelu=True)), gate_f)
         return x
 
 
@@ -301,14 +401,14 @@ class WanHead(nn.Module):
     def __init__(self, dim: int, out_dim: int, patch_size: tuple[int, int, int], eps: float) -> None:
         super().__init__()
         self.eps = eps
-        self.head = nn.Linear(dim, out_dim * math.prod(patch_size))
+        self.head = PackedLinear(dim, out_dim * math.prod(patch_size))
         self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """x: (B, L, d) fp32; e: (B, d) fp32 -> (B, L, prod(patch) * out_dim) fp32."""
         shift, scale = (self.modulation.float() + e.unsqueeze(1)).unsqueeze(2).unbind(1)  # each (B, 1, d)
         h = _norm_modulate(x, shift, scale, self.eps, self.head.weight.dtype)
-        return _linear(h, self.head).float()
+        return self.head(h).float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,10 +450,10 @@ class WanTransformer(nn.Module):
         # 1. patch embedding
         self.patch_embedding = nn.Conv3d(config.in_dim, d, kernel_size=config.patch_size, stride=config.patch_size)
         # 2. text and time embeddings
-        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, d), nn.GELU(approximate="tanh"),
-                                            nn.Linear(d, d))
-        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.text_embedding = nn.Sequential(PackedLinear(config.text_dim, d), nn.GELU(approximate="tanh"),
+                                            PackedLinear(d, d))
+        self.time_embedding = nn.Sequential(PackedLinear(config.freq_dim, d), nn.SiLU(), PackedLinear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), PackedLinear(d, 6 * d))
         # 3. blocks
         self.blocks = nn.ModuleList(
             WanBlock(d, config.ffn_dim, config.num_heads, config.eps, attn_fn) for _ in range(config.num_layers)
@@ -372,10 +472,30 @@ class WanTransformer(nn.Module):
 
     def cast_weights(self, dtype: torch.dtype) -> "WanTransformer":
         """Cast the matmul weights to `dtype`, keeping the `keep_fp32` parameters in fp32 (unlike `.to`)."""
+        self.release_packed_weights()
         with torch.no_grad():
             for name, p in self.named_parameters():
                 p.data = p.data.to(torch.float32 if self.keep_fp32(name) else dtype)
         return self
+
+    # ---- CPU weight prepacking (see `PackedLinear`) ----
+    def set_weight_prepacking(self, enabled: bool) -> "WanTransformer":
+        """Turn the CPU prepacked-weight GEMMs on (the default) or off; off also frees the packed copies."""
+        for layer in self.modules():
+            if isinstance(layer, PackedLinear):
+                layer.prepack = enabled
+                layer.release_packed()
+        return self
+
+    def release_packed_weights(self) -> None:
+        """Free every packed weight copy (they are rebuilt on the next CPU forward while prepacking is on)."""
+        for layer in self.modules():
+            if isinstance(layer, PackedLinear):
+                layer.release_packed()
+
+    def packed_weight_bytes(self) -> int:
+        """CPU memory held by the packed weight copies, on top of the parameters."""
+        return sum(layer.packed_bytes for layer in self.modules() if isinstance(layer, PackedLinear))
 
     def set_attention(self, attn_fn: AttentionFn) -> None:
         """Swap the self-attention function of every block (the context-parallel seam)."""
@@ -384,8 +504,15 @@ class WanTransformer(nn.Module):
 
     # ---- block protocol ----
     def rope(self, grid: tuple[int, int, int], device: torch.device | str | None = None) -> RopeTables:
-        """RoPE tables (cos, sin), each (f*h*w, head_dim/2) fp32, for a token grid."""
-        return rope_tables(grid, self.config.head_dim, device)
+        """RoPE tables (cos, sin), each (f*h*w, head_dim/2) fp32, for a token grid; shared, do not modify in place."""
+        key = (tuple(grid), torch.device(device) if device is not None else None)
+        cached = self.__dict__.get("_rope_cache")
+        if cached is None or cached[0] != key:
+            # The same grid comes back every step: keep the last tables (a plain attribute, not a buffer).
+            # Their ~15 tiny float64 ops cost milliseconds each when another process holds a core.
+            with torch.inference_mode(False):  # normal tensors, usable later with autograd too
+                cached = self._rope_cache = (key, rope_tables(grid, self.config.head_dim, device))
+        return cached[1]
 
     def prepare(self, x: torch.Tensor, t: torch.Tensor | float | int,
                 context: torch.Tensor | Sequence[torch.Tensor]) -> WanForwardState:
@@ -420,10 +547,10 @@ class WanTransformer(nn.Module):
             raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}; Wan2.2 T2V's "
                              f"per-token t is constant per sample, so pass one value per sample")
         emb = timestep_sinusoid(t, cfg.freq_dim)
-        e = _linear(F.silu(_linear(emb, self.time_embedding[0])), self.time_embedding[2]).float()
-        e0 = _linear(F.silu(e), self.time_projection[1]).float().unflatten(1, (6, cfg.dim))
+        e = self.time_embedding[2](F.silu(self.time_embedding[0](emb))).float()
+        e0 = self.time_projection[1](F.silu(e)).float().unflatten(1, (6, cfg.dim))
         ctx = self._pad_context(context, batch, x.device)
-        ctx = _linear(_linear_gelu(ctx, self.text_embedding[0]), self.text_embedding[2])
+        ctx = self.text_embedding[2](self.text_embedding[0](ctx, gelu=True))
         return WanForwardState(x=tokens, e=e, e0=e0, context=ctx, rope=rope, grid=grid, dtype=x.dtype)
 
     def _pad_context(self, context: torch.Tensor | Sequence[torch.Tensor], batch: int,

@@ -46,7 +46,12 @@ def head_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     dashboard = _free_port()
-    subprocess.run([RAY, "start", "--head", f"--port={_free_port()}", "--num-cpus=6", "--include-dashboard=true",
+    # Every port explicit: a default one (e.g. the agent's 52365) may be held by another Ray on this machine,
+    # and the job agent then never comes up ("No available agent to submit job").
+    ports = [f"--{name}={_free_port()}" for name in (
+        "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
+    subprocess.run([RAY, "start", "--head", *ports, "--num-cpus=6", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
                     "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
     env["RAY_API_SERVER_ADDRESS"] = env["RAY_ADDRESS"] = f"http://127.0.0.1:{dashboard}"

@@ -6,8 +6,10 @@ All on CPU in fp32 with small random models; every parameter is randomised (Wan 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import pickle
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from models.attention import sdpa_attention
 from models.loading import CheckpointError, meta_device
 from models.wan.config import PRESETS, WanDiTConfig
 from models.wan.transformer import (
+    PackedLinear,
     WanTransformer,
     apply_rope,
     rope_pairs,
@@ -345,3 +348,110 @@ def test_autograd_path_matches_inference_path(tiny: WanTransformer) -> None:
         tiny.requires_grad_(False)
     assert out.requires_grad
     torch.testing.assert_close(out.detach(), expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU weight prepacking
+# ---------------------------------------------------------------------------------------------
+def packed_layers(model: WanTransformer) -> dict[str, str]:
+    """name -> kind ("onednn"/"mkl") of every PackedLinear currently holding a packed weight."""
+    return {n: m._packed.kind for n, m in model.named_modules() if isinstance(m, PackedLinear) and m._packed}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_packed_path_matches_plain_path(dtype: torch.dtype) -> None:
+    model = randomise(WanTransformer(A14B_LIKE), seed=5).cast_weights(dtype)
+    plain = copy.deepcopy(model).set_weight_prepacking(False)
+    x, prompts, _ = inputs(A14B_LIKE, lengths=(32, 5), latent=(2, 6, 8), seed=6)
+    t = torch.tensor([640.0, 90.0])
+    out = model(x, t, prompts)
+    packed = packed_layers(model)
+    if not packed:
+        pytest.skip("this torch build has no oneDNN/MKL prepacking ops")
+    # every GEMM with >= 32 rows is packed: the 4 + 4 attention projections and the 2 FFN layers per block,
+    # the text MLP and the head (fp32, so packed in both runs); the time MLPs (2 rows) are not
+    assert len(packed) == 10 * A14B_LIKE.num_layers + 3 and not any(n.startswith("time_") for n in packed)
+    assert packed["blocks.0.ffn.0"] == "onednn" and packed["head.head"] == "mkl"
+    assert packed["blocks.0.self_attn.q"] == ("onednn" if dtype == torch.bfloat16 else "mkl")
+    assert not packed_layers(plain)
+    expected = plain(x, t, prompts)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    else:  # the same bf16 GEMMs with another accumulation order: bf16 rounding differences only
+        assert (out - expected).norm() / expected.norm() < 1e-2
+        torch.testing.assert_close(out, expected, atol=0.1, rtol=0.05)
+    # a second call reuses the packs
+    before = {n: m._packed.weight for n, m in model.named_modules() if isinstance(m, PackedLinear) and m._packed}
+    assert torch.equal(model(x, t, prompts), out)
+    assert all(m._packed.weight is before[n] for n, m in model.named_modules() if n in before)
+
+
+@torch.no_grad()
+def test_packing_leaves_state_dict_and_checkpoints_alone(tmp_path) -> None:
+    model = randomise(WanTransformer(TINY), seed=7)
+    reference = copy.deepcopy(model).set_weight_prepacking(False)
+    x, prompts, _ = inputs(TINY)
+    t = torch.tensor([321, 654])
+    out = model(x, t, prompts)
+    assert packed_layers(model), "nothing was packed"
+    sd = model.state_dict()
+    assert list(sd) == list(reference.state_dict())
+    assert all(v.layout == torch.strided and torch.equal(v, reference.state_dict()[k]) for k, v in sd.items())
+    assert [n for n, _ in model.named_parameters()] == list(sd) and not list(model.named_buffers())
+    model.save_pretrained(tmp_path / "packed")
+    reference.save_pretrained(tmp_path / "plain")
+    for name in ("diffusion_pytorch_model.safetensors", "config.json"):
+        assert (tmp_path / "packed" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+    torch.testing.assert_close(WanTransformer.from_pretrained(tmp_path / "packed")(x, t, prompts), out,
+                               atol=1e-5, rtol=1e-5)
+    # pickling and deepcopy drop the opaque packed tensors (they are rebuilt on use)
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert not packed_layers(clone)
+        torch.testing.assert_close(clone(x, t, prompts), out, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_packs_follow_weight_changes() -> None:
+    model = randomise(WanTransformer(TINY), seed=8)
+    x, prompts, _ = inputs(TINY)
+    t = torch.tensor([500, 50])
+    model(x, t, prompts)
+    if not packed_layers(model):
+        pytest.skip("this torch build has no oneDNN/MKL prepacking ops")
+    # an in-place write through the parameter (as load_state_dict does) invalidates the pack
+    model.blocks[0].ffn[2].weight.mul_(1.5)
+    model.load_state_dict(randomise(WanTransformer(TINY), seed=9).state_dict())
+    expected = copy.deepcopy(model).set_weight_prepacking(False)(x, t, prompts)
+    torch.testing.assert_close(model(x, t, prompts), expected, atol=1e-5, rtol=1e-5)
+    # cast_weights and .to() drop the packs; the bf16 forward packs again from the bf16 weights
+    model.cast_weights(torch.bfloat16)
+    assert not packed_layers(model)
+    model(x, t, prompts)
+    assert packed_layers(model)["blocks.1.self_attn.o"] == "onednn"
+    model.to(torch.float32)
+    assert not packed_layers(model)
+    # the fp32 MKL packs are made for one row count: a batch of 1 after a batch of 2 re-packs them
+    plain = copy.deepcopy(model).set_weight_prepacking(False)
+    torch.testing.assert_close(model(x, t, prompts), plain(x, t, prompts), atol=1e-5, rtol=1e-5)
+    assert model.blocks[0].self_attn.q._packed.rows == 2 * 3 * 4 * 6
+    torch.testing.assert_close(model(x[:1], t[:1], prompts[:1]), plain(x[:1], t[:1], prompts[:1]),
+                               atol=1e-5, rtol=1e-5)
+    assert model.blocks[0].self_attn.q._packed.rows == 3 * 4 * 6
+
+
+@torch.no_grad()
+def test_builds_without_the_packing_ops_use_plain_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build without oneDNN/MKL (e.g. CUDA-only or ARM) falls back to F.linear (+ F.gelu)."""
+    import models.wan.transformer as wan_transformer
+
+    model = randomise(WanTransformer(TINY), seed=10)
+    x, prompts, _ = inputs(TINY)
+    t = torch.tensor([800, 200])
+    expected = model(x, t, prompts)
+    model.release_packed_weights()
+    for name in ("_ONEDNN_LINEAR", "_ONEDNN_PACK", "_MKL_LINEAR", "_MKL_PACK"):
+        monkeypatch.setattr(wan_transformer, name, None)
+    monkeypatch.setattr(wan_transformer, "_ONEDNN_BF16", False)
+    torch.testing.assert_close(model(x, t, prompts), expected, atol=1e-5, rtol=1e-5)
+    assert not packed_layers(model)
