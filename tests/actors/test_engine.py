@@ -110,10 +110,34 @@ def test_restart_resumes_or_fails_unfinished_jobs(
     run(scenario())
 
 
-def test_priority_and_cancel_while_queued(
+class RecordingMetrics:
+    """Collects what the engine reports (the Serve app forwards the same calls to ray.serve.metrics)."""
+
+    def __init__(self) -> None:
+        self.latencies: dict[str, list[float]] = {}
+        self.depths: list[dict[str, int]] = []
+        self.steps = 0
+        self.finished: list[str] = []
+
+    def stage_latency(self, stage: str, seconds: float) -> None:
+        self.latencies.setdefault(stage, []).append(seconds)
+
+    def queue_depths(self, depths: Any) -> None:
+        self.depths.append(dict(depths))
+
+    def denoise_steps(self, steps: int) -> None:
+        self.steps += steps
+
+    def job_finished(self, status: str) -> None:
+        self.finished.append(status)
+
+
+def test_priority_cancel_and_metrics(
         ray_cluster: None, tiny_model: str, tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
+    metrics = RecordingMetrics()
+
     async def scenario() -> None:
-        engine = StageEngine(_config(tiny_model, tmp_path, **{"dit.chunk_steps": 1}))
+        engine = StageEngine(_config(tiny_model, tmp_path, **{"dit.chunk_steps": 1}), metrics=metrics)
         await engine.start()
         try:
             running = await engine.submit({**SMALL, "num_inference_steps": 30})
@@ -129,6 +153,27 @@ def test_priority_and_cancel_while_queued(
             assert high_rec.stage_times["denoise"][0] < low_rec.stage_times["denoise"][0]
             # and it started before the running job finished (preemption between chunks)
             assert high_rec.stage_times["denoise"][0] < records[0].stage_times["denoise"][1]
+        finally:
+            await engine.shutdown()
+
+    run(scenario())
+    assert sorted(metrics.finished) == ["cancelled", "succeeded", "succeeded", "succeeded"]
+    assert {stage: len(v) for stage, v in metrics.latencies.items()} == {"text_encode": 3, "denoise": 3, "decode": 3}
+    assert metrics.steps == 30 + 2 + 2
+    assert any(d["encode"] + d["denoise"] > 0 for d in metrics.depths) and metrics.depths[-1]["decode"] == 0
+
+
+def test_two_dit_groups_denoise_side_by_side(
+        ray_cluster: None, tiny_model: str, tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
+    async def scenario() -> None:
+        engine = StageEngine(_config(tiny_model, tmp_path, **{"dit.groups": 2, "dit.num_cpus": 0.25}))
+        await engine.start()
+        try:
+            jobs = [await engine.submit({**SMALL, "num_inference_steps": 40, "seed": i}) for i in range(2)]
+            records = [await engine.wait(j.id, timeout_s=120) for j in jobs]
+            assert all(r.status == "succeeded" for r in records)
+            (a_start, a_end), (b_start, b_end) = (r.stage_times["denoise"] for r in records)
+            assert a_start < b_end and b_start < a_end, "the two jobs should denoise at the same time"
         finally:
             await engine.shutdown()
 

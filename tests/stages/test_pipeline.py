@@ -42,7 +42,7 @@ def _reference_pipeline(root: Path, shift: float) -> WanPipeline:
         lower_order_final=True, use_flow_sigmas=True, flow_shift=1.0, final_sigmas_type="zero",
     )
     scheduler.wan_shift = shift
-    return WanPipeline.from_pretrained(str(root), scheduler=scheduler, torch_dtype=torch.float32)
+    return WanPipeline.from_pretrained(str(root), scheduler=scheduler, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["wan2.1", "wan2.2-two-experts"])
