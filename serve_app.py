@@ -253,20 +253,27 @@ class VideoService:
         retry = str(self.cfg.scheduler.retry_after_s)
         return _error(429, str(exc), code="queue_full", headers={"Retry-After": retry})
 
-    @api.post("/v1/videos")
-    async def create_video(self, request: Request) -> JSONResponse:
-        """Body: JSON or form; OpenAI's fields (prompt, model, size, seconds) plus any request parameter."""
+    async def _accept(self, request: Request, body_cls: type[_OpenAIFields],
+                      kind: str) -> JSONResponse | tuple[_OpenAIFields, JobRecord]:
+        """Parse, validate and submit a creation request: (body, job record), or the error response."""
         try:
-            body = VideoCreate.model_validate(await _read_body(request))
-            params = _generation_params(body, self.engine.preset.defaults.fps, single_frame=False)
-            record = await self.engine.submit(params, priority=body.priority)
+            body = body_cls.model_validate(await _read_body(request))
+            params = _generation_params(body, self.engine.preset.defaults.fps, single_frame=kind == "image")
+            return body, await self.engine.submit(params, priority=body.priority, kind=kind)
         except pydantic.ValidationError as exc:
             return _validation_error(exc)
         except ValueError as exc:
             return _error(422, str(exc))
         except QueueFull as exc:
             return self._overloaded(exc)
-        return JSONResponse(video_object(record, self.model_name))
+
+    @api.post("/v1/videos")
+    async def create_video(self, request: Request) -> JSONResponse:
+        """Body: JSON or form; OpenAI's fields (prompt, model, size, seconds) plus any request parameter."""
+        accepted = await self._accept(request, VideoCreate, "video")
+        if isinstance(accepted, JSONResponse):
+            return accepted
+        return JSONResponse(video_object(accepted[1], self.model_name))
 
     @api.get("/v1/videos")
     async def list_videos(self, limit: int = Query(20, ge=1, le=100), after: str | None = None) -> JSONResponse:
@@ -328,20 +335,14 @@ class VideoService:
 
     @api.post("/v1/images/generations")
     async def create_image(self, request: Request) -> JSONResponse:
-        try:
-            body = ImageCreate.model_validate(await _read_body(request))
-            params = _generation_params(body, self.engine.preset.defaults.fps, single_frame=True)
-            record = await self.engine.submit(params, priority=body.priority, kind="image")
-        except pydantic.ValidationError as exc:
-            return _validation_error(exc)
-        except ValueError as exc:
-            return _error(422, str(exc))
-        except QueueFull as exc:
-            return self._overloaded(exc)
+        accepted = await self._accept(request, ImageCreate, "image")
+        if isinstance(accepted, JSONResponse):
+            return accepted
+        body, record = accepted
         record = await self.engine.wait(record.id)
         if record.status != "succeeded" or not record.result_path:
             return _error(500, f"image generation {record.status}: {record.error}", code=record.status)
-        if body.response_format == "url":
+        if isinstance(body, ImageCreate) and body.response_format == "url":
             item = {"url": str(request.url_for("image_content", image_id=record.id))}
         else:
             item = {"b64_json": base64.b64encode(Path(record.result_path).read_bytes()).decode()}

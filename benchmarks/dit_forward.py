@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.wan.config import WanDiTConfig  # noqa: E402
+from models.random_init import randomize_parameters  # noqa: E402
 from models.wan.transformer import WanTransformer  # noqa: E402
 from models.wan.transformer_keys import original_to_diffusers  # noqa: E402
 
@@ -75,22 +76,6 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 3) -> float
     return 2 * size * size * 2 * size / best / 1e9
 
 
-def randomise_(model: torch.nn.Module, seed: int) -> None:
-    """Random weights of realistic scale, in place (norms around 1, as trained models have)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if ".norm" in name:
-                p.copy_(1 + 0.1 * noise)
-            elif name.endswith("modulation"):
-                p.copy_(0.3 * noise)
-            elif p.ndim >= 2:
-                p.copy_(noise / p[0].numel() ** 0.5)
-            else:
-                p.copy_(0.1 * noise)
-
-
 def diffusers_model(ours: WanTransformer, dtype: torch.dtype) -> torch.nn.Module:
     """diffusers `WanTransformer3DModel` with our weights, cast as its `from_pretrained(torch_dtype=...)` would."""
     from diffusers import WanTransformer3DModel
@@ -115,7 +100,7 @@ def run_dtype(cfg: WanDiTConfig, dtype: torch.dtype, args: argparse.Namespace,
               fp32_reference: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
     """Time both models in `dtype`; `fp32_reference` (our fp32 output, same weights) measures low-precision error."""
     ours = WanTransformer(cfg)
-    randomise_(ours, seed=0)
+    randomize_parameters(ours, seed=0)
     ref = diffusers_model(ours, dtype)
     ours.cast_weights(dtype)
     ours.eval()

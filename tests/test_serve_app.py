@@ -118,6 +118,10 @@ def test_openai_client(service: str) -> None:
 
     png = iio.imread(io.BytesIO(base64.b64decode(image.data[0].b64_json)), extension=".png")
     assert png.shape[:2] == (32, 48)
+    linked = client.images.generate(prompt="a green triangle", response_format="url",
+                                    extra_body={"height": 32, "width": 32, "num_inference_steps": 2})
+    fetched = httpx.get(linked.data[0].url, timeout=30)
+    assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
     with pytest.raises(openai.UnprocessableEntityError):
         client.videos.create(prompt="x", extra_body={"width": 33})
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import pickle
 
 import pytest
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from models.attention import sdpa_attention
 from models.loading import CheckpointError, meta_device
 from models.wan.config import PRESETS, WanDiTConfig
+from models.random_init import randomize_parameters
 from models.wan.transformer import (
     PackedLinear,
     WanTransformer,
@@ -43,19 +43,7 @@ ATOL = RTOL = 1e-4
 
 def randomise(model: WanTransformer, seed: int = 0) -> WanTransformer:
     """Random values for every parameter (Wan's init zeroes head.head.weight, which would hide head bugs)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if ".norm" in name:
-                p.copy_(1 + 0.1 * noise)
-            elif name.endswith("modulation"):
-                p.copy_(0.3 * noise)
-            elif p.ndim >= 2:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-            else:
-                p.copy_(0.1 * noise)
-    return model.eval().requires_grad_(False)
+    return randomize_parameters(model, seed=seed).eval().requires_grad_(False)
 
 
 def diffusers_twin(model: WanTransformer) -> torch.nn.Module:
