@@ -98,6 +98,22 @@ def meta_device() -> Iterator[None]:
         yield
 
 
+def check_keys(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], source: str,
+               target: str) -> None:
+    """Raise a `CheckpointError` listing every missing key, unexpected key and shape mismatch together."""
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(
+        f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in set(expected) & set(state_dict)
+        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    )
+    problems = [f"{what}: {_listing(keys)}" for what, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
+    if problems:
+        raise CheckpointError(f"checkpoint {source} does not fit {target}: " + "; ".join(problems))
+
+
 def load_strict(
     module: M,
     state_dict: Mapping[str, torch.Tensor],
@@ -114,22 +130,7 @@ def load_strict(
     which is called on every submodule that defines it.
     """
     expected = module.state_dict(keep_vars=True)
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = sorted(
-        f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in set(expected) & set(state_dict)
-        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_listing(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches: {_listing(mismatched)}")
-    if problems:
-        raise CheckpointError(f"checkpoint {source} does not fit {type(module).__name__}: " + "; ".join(problems))
+    check_keys(expected, state_dict, source, type(module).__name__)
 
     converted: StateDict = {}
     for name, tensor in state_dict.items():

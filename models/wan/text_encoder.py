@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT
 
 from models.loading import (
     CheckpointError,
+    check_keys,
     StateDict,
     load_safetensors_dir,
     load_safetensors_file,
@@ -267,22 +268,7 @@ def _check_wan_keys(model: UMT5EncoderModel, sd: StateDict, source: str) -> None
     `.pth` cannot look up in the file.
     """
     expected = transformers_to_wan_t5(model.state_dict(keep_vars=True))
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    mismatched = sorted(
-        f"{k} (checkpoint {tuple(sd[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in set(expected) & set(sd)
-        if tuple(sd[k].shape) != tuple(expected[k].shape)
-    )
-    problems = [
-        f"{what}: {', '.join(keys[:10])}" + (f" (+{len(keys) - 10} more)" if len(keys) > 10 else "")
-        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
-        if keys
-    ]
-    if problems:
-        raise CheckpointError(
-            f"checkpoint {source} does not fit the umT5 encoder (Wan key names): " + "; ".join(problems)
-        )
+    check_keys(expected, sd, source, "the umT5 encoder (Wan key names)")
 
 
 def _load_model(
