@@ -17,6 +17,8 @@ import torch
 from models.attention import AttentionFn, auto_attention
 from models.wan.checkpoint import WanCheckpoint
 from models.wan.transformer import WanTransformer
+from parallel.dit import ContextParallelDiT
+from parallel.mesh import ParallelMesh
 from stages.params import ResolvedParams
 from stages.samplers import FlowSampler, make_sampler
 from stages.embeddings import PromptEmbeddings
@@ -73,24 +75,38 @@ class DenoiseJob:
 
 
 class DenoiseStage:
-    """Runs the DiT (one expert, or Wan2.2's high/low-noise pair) over the sampler's timesteps."""
+    """Runs the DiT (one expert, or Wan2.2's high/low-noise pair) over the sampler's timesteps.
 
-    def __init__(self, experts: Sequence[WanTransformer], boundary: float | None = None) -> None:
+    With a `ParallelMesh` every forward is spread over the mesh's ranks (`parallel.dit`), and all
+    ranks of the mesh must then drive the same jobs through the same calls together.
+    """
+
+    def __init__(self, experts: Sequence[WanTransformer], boundary: float | None = None,
+                 mesh: ParallelMesh | None = None) -> None:
         if len(experts) not in (1, 2) or (len(experts) == 2) != (boundary is not None):
             raise ValueError("pass one expert, or two experts (high-noise first) with a boundary")
         self.experts = list(experts)
         self.boundary = boundary
         first = next(self.experts[0].parameters())
         self.device = first.device
+        self.mesh: ParallelMesh | None = None
+        self._denoisers: list[WanTransformer | ContextParallelDiT] = list(self.experts)
+        if mesh is not None:
+            self.use_mesh(mesh)
+
+    def use_mesh(self, mesh: ParallelMesh) -> None:
+        """Spread every forward over `mesh` (set once the process group exists, after loading)."""
+        self.mesh = mesh
+        self._denoisers = [ContextParallelDiT(expert, mesh) for expert in self.experts]
 
     @classmethod
     def from_pretrained(cls, checkpoint: WanCheckpoint, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu", attn_fn: AttentionFn = auto_attention,
-                        ) -> "DenoiseStage":
+                        mesh: ParallelMesh | None = None) -> "DenoiseStage":
         experts = [WanTransformer.from_pretrained(d, dtype=dtype, device=device) for d in checkpoint.transformer_dirs]
         for expert in experts:
             expert.set_attention(attn_fn)
-        return cls(experts, checkpoint.preset.boundary)
+        return cls(experts, checkpoint.preset.boundary, mesh)
 
     def start(self, params: ResolvedParams, embeddings: PromptEmbeddings,
               latents: torch.Tensor | None = None) -> DenoiseJob:
@@ -101,10 +117,11 @@ class DenoiseStage:
         noise = initial_noise(params) if latents is None else latents.to(torch.float32)
         return DenoiseJob(params, embeddings, sampler, noise)
 
-    def _expert_and_guidance(self, timestep: int, params: ResolvedParams) -> tuple[WanTransformer, float]:
+    def _expert_and_guidance(self, timestep: int,
+                             params: ResolvedParams) -> tuple[WanTransformer | ContextParallelDiT, float]:
         if self.boundary is None or timestep >= self.boundary * 1000:
-            return self.experts[0], params.guidance_scale
-        return self.experts[1], params.guidance_scale_2
+            return self._denoisers[0], params.guidance_scale
+        return self._denoisers[1], params.guidance_scale_2
 
     @torch.inference_mode()
     def velocity(self, job: DenoiseJob, timestep: torch.Tensor) -> torch.Tensor:
