@@ -37,6 +37,13 @@ class DiTConfig(_Strict):
                              description="Denoising steps per dispatch: progress, cancellation and priorities "
                                          "take effect between chunks.")
     init_timeout_s: float = Field(120.0, gt=0, description="Time allowed for placement and process-group start-up.")
+    cfg_degree: int | None = Field(None, ge=1, le=2,
+                                   description="Ranks per request over the CFG branches (1 or 2). The three degrees "
+                                               "must multiply to world_size; all unset = automatic layout, "
+                                               "otherwise an unset degree is 1.")
+    ring_degree: int | None = Field(None, ge=1, le=64, description="Ring-attention degree (K/V blocks rotate).")
+    ulysses_degree: int | None = Field(None, ge=1, le=64,
+                                       description="Ulysses degree (all-to-all over heads); must divide the heads.")
 
 
 class SchedulerConfig(_Strict):

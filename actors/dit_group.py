@@ -5,8 +5,11 @@ Each rank loads the denoiser in its own process and keeps the per-request `Denoi
 embeddings go in once, final latents come out once. The engine drives a job chunk by chunk
 through `DiTGroup.run_steps`, which issues the same call to every rank at once.
 
-For now every rank runs the full forward (context parallelism arrives later and will use the
-rank/world plumbing set up here), so the ranks' results agree exactly. At the end of each chunk
+Each request is spread over the ranks by the group's `ParallelLayout` (cfg x ring x ulysses,
+parallel/): the layout is resolved and validated here before any actor starts (a bad layout fails
+in milliseconds with the reason, not after minutes of weight loading), and every rank builds its
+`ParallelMesh` once the process group exists. Every rank ends each step with the same full latents
+(parallel.dit), so any rank could return them; rank 0 does. At the end of each chunk
 the ranks run ONE small all_reduce that checks they stand at the same step and that none failed
 (STYLE habit 10: group checks at chunk boundaries, never a per-step barrier). Every rank enters
 that collective even when its own chunk raised, so a Python error never strands the others in it.
@@ -44,6 +47,8 @@ from actors.config import ServiceConfig
 from actors.errors import StageActorDied, StageStartError, first_line, is_actor_death
 from actors.pool import bundle_resources, kill_quietly, reserve_placement_group
 from actors.stage_actors import resolve_checkpoint, resolve_dtype, resolve_model_folder
+from models.wan.checkpoint import WanCheckpoint, read_dit_config
+from parallel.mesh import LayoutError, ParallelLayout, resolve_layout
 
 if TYPE_CHECKING:
     from stages.denoise import DenoiseJob
@@ -76,8 +81,10 @@ def _rank_cuda_device() -> str:
 class DiTRankActor:
     """One rank of a DiT group: the denoiser, this rank's job states, and its process-group membership."""
 
-    def __init__(self, rank: int, world_size: int, model: str, dtype: str, device: str) -> None:
-        """model: checkpoint folder; dtype: "auto"/"fp32"/"bf16"; device: "cpu" or "cuda" (bound to Ray's GPU).
+    def __init__(self, rank: int, world_size: int, model: str, dtype: str, device: str,
+                 layout: tuple[int, int, int] = (1, 1, 1)) -> None:
+        """model: checkpoint folder; dtype: "auto"/"fp32"/"bf16"; device: "cpu" or "cuda" (bound to Ray's GPU);
+        layout: (cfg_degree, ring_degree, ulysses_degree), already validated by DiTGroup.
 
         torch is imported here, after Ray has set this process's environment (GPU_RANK_ENV).
         """
@@ -85,6 +92,7 @@ class DiTRankActor:
 
         self.rank = rank
         self.world_size = world_size
+        self.layout = layout
         self.device = _rank_cuda_device() if device == "cuda" else device
         self._bind_device()
         checkpoint = resolve_checkpoint(model)
@@ -126,15 +134,22 @@ class DiTRankActor:
         if int(value.item()) != expected:
             raise RuntimeError(f"process-group check failed on rank {self.rank}: all_reduce of rank+1 gave "
                                f"{int(value.item())}, expected {expected}")
+        from parallel.mesh import ParallelLayout, ParallelMesh
+
+        layout = ParallelLayout(*self.layout)
+        if layout.world_size > 1:
+            mesh = ParallelMesh.build(layout)
+            assert mesh is not None
+            self._stage.use_mesh(mesh)
         self._group = {"rank": dist.get_rank(), "world_size": dist.get_world_size(), "backend": backend,
-                       "all_reduce_sum": int(value.item())}
+                       "all_reduce_sum": int(value.item()), "layout": str(layout)}
         logger.info("rank %d joined %s group of %d at %s", self.rank, backend, self.world_size, url)
 
     def _comm_device(self, backend: str) -> str:
         return self.device if backend == "nccl" else "cpu"
 
     def group_info(self) -> dict[str, Any] | None:
-        """{"rank", "world_size", "backend", "all_reduce_sum"} as seen after the init check; None before."""
+        """{"rank", "world_size", "backend", "all_reduce_sum", "layout"} as seen after the init check; None before."""
         return None if self._group is None else dict(self._group)
 
     # ---- jobs ---------------------------------------------------------------------------------
@@ -165,8 +180,11 @@ class DiTRankActor:
     def run_steps(self, job_id: str, max_steps: int) -> dict[str, Any]:
         """Advance a job by up to max_steps; returns {"step", "total", "done", "step_times"} (this chunk's seconds).
 
-        With world_size > 1, ends with the chunk check: one all_reduce(MAX) of (step, -step, failed),
-        entered by every rank even if its chunk raised, so all ranks fail or succeed together.
+        With world_size > 1 the chunk is framed by two small all_reduce checks, entered by every rank
+        even after an error, so all ranks fail or succeed together and never strand one another:
+        before it, that every rank knows the job, stands at the same step and runs the same number of
+        steps (the forwards contain collectives, so a disagreement must stop the chunk before they
+        start); after it, that no rank failed and all reached the same step.
         """
         if max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {max_steps}")
@@ -177,17 +195,30 @@ class DiTRankActor:
         try:
             job = self._job(job_id)
             first = job.step
+        except Exception as exc:  # noqa: BLE001  # re-raised below, after the group check
+            error = exc
+        if self.world_size > 1:
+            self._agree(job_id, "at the start of the chunk", {"step": first, "steps": max_steps},
+                        failed=error is not None)
+        if error is not None:
+            raise error  # every other rank raised in the check above: nobody waits at the end check
+        assert job is not None
+        try:
             self._stage.run_steps(job, max_steps)
         except Exception as exc:  # noqa: BLE001  # re-raised below, after the group check
             error = exc
         if self.world_size > 1:
-            self._check_chunk(job_id, -1 if job is None else job.step, failed=error is not None)
+            self._agree(job_id, "at the end of the chunk", {"step": -1 if job is None else job.step},
+                        failed=error is not None)
         if error is not None:
             raise error
         assert job is not None
         return {"step": job.step, "total": job.total_steps, "done": job.done, "step_times": job.step_times[first:]}
 
-    def _check_chunk(self, job_id: str, step: int, failed: bool) -> None:
+    def _agree(self, job_id: str, when: str, named: dict[str, int], failed: bool) -> None:
+        """One all_reduce(MAX) of (values, -values, failed): raises on every rank unless all ranks hold the
+        same values and none failed (a failed rank re-raises its own error instead)."""
+        values = list(named.values())
         import torch
         import torch.distributed as dist
 
@@ -195,14 +226,19 @@ class DiTRankActor:
             raise RuntimeError(f"rank {self.rank} of {self.world_size} has no process group; "
                                f"call init_process_group first")
         backend = self._group["backend"]
-        flags = torch.tensor([step, -step, int(failed)], dtype=torch.int64, device=self._comm_device(backend))
+        flags = torch.tensor([*values, *(-v for v in values), int(failed)], dtype=torch.int64,
+                             device=self._comm_device(backend))
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        high, low, any_failed = int(flags[0]), -int(flags[1]), int(flags[2])
-        if any_failed and not failed:
-            raise RuntimeError(f"job {job_id!r}: another rank failed this chunk (rank {self.rank} was at step {step})")
-        if not any_failed and high != low:
-            raise RuntimeError(f"job {job_id!r}: ranks disagree on the step ({low}..{high}); the group is "
-                               f"inconsistent and must be restarted")
+        n = len(values)
+        high, low, any_failed = flags[:n].tolist(), [-int(v) for v in flags[n:2 * n]], int(flags[-1])
+        if any_failed:
+            if not failed:
+                raise RuntimeError(f"job {job_id!r}: another rank failed {when} (rank {self.rank} holds {named})")
+            return
+        if high != low:
+            ranges = ", ".join(f"{name} {lo}..{hi}" for name, lo, hi in zip(named, low, high) if lo != hi)
+            raise RuntimeError(f"job {job_id!r}: ranks disagree {when} ({ranges}); the group is inconsistent "
+                               f"and must be restarted")
 
     def result(self, job_id: str) -> np.ndarray:
         """The finished job's latents (C, F', H', W') float32; the job is dropped."""
@@ -249,6 +285,7 @@ class DiTGroup:
         # ping gets its own thread (concurrency group) so a health check is answered during a chunk.
         self._remote_cls = ray.remote(concurrency_groups={HEALTH_GROUP: 1})(DiTRankActor)
         self._pg: PlacementGroup | None = None
+        self.layout: ParallelLayout | None = None
         self._ranks: list[ActorHandle] = []
         self._broken: str | None = None
 
@@ -279,6 +316,7 @@ class DiTGroup:
         timeout = self.cfg.dit.init_timeout_s
         began = time.perf_counter()
         model = str(await asyncio.to_thread(resolve_model_folder, self._model_arg))
+        self.layout = await asyncio.to_thread(self._resolve_layout, model)
         self._pg = await reserve_placement_group(f"{STAGE}{self.group_index}", [dict(self._bundle)] * self.world_size,
                                                  "STRICT_PACK", timeout)
         try:
@@ -300,8 +338,21 @@ class DiTGroup:
             await self._teardown()
             raise
         self._broken = None
-        logger.info("DiT group %d started: %d ranks (%s, %s, bundle %s) in %.1f s", self.group_index,
-                    self.world_size, self.device, self.backend, self._bundle, time.perf_counter() - began)
+        logger.info("DiT group %d started: %d ranks, layout %s (%s, %s, bundle %s) in %.1f s", self.group_index,
+                    self.world_size, self.layout, self.device, self.backend, self._bundle, time.perf_counter() - began)
+
+    def _resolve_layout(self, model: str) -> ParallelLayout:
+        """The configured (or automatic) layout for this model, or StageStartError saying why it cannot run."""
+        checkpoint = WanCheckpoint.resolve(model)
+        config, _ = read_dit_config(checkpoint.transformer_dirs[0])
+        defaults = checkpoint.preset.defaults
+        guided = defaults.guidance_scale != 1.0 or (checkpoint.preset.guidance_scale_2 or 1.0) != 1.0
+        dit = self.cfg.dit
+        try:
+            return resolve_layout(self.world_size, config.num_heads, guided, dit.cfg_degree, dit.ring_degree,
+                                  dit.ulysses_degree)
+        except LayoutError as exc:
+            raise StageStartError(STAGE, f"DiT group {self.group_index}: {exc}") from None
 
     async def restart(self) -> None:
         """Kill all ranks, release the placement group and start a fresh group (jobs on it are lost)."""
@@ -324,7 +375,10 @@ class DiTGroup:
         )
         if self.device == "cuda":
             options["runtime_env"] = {"env_vars": dict(GPU_RANK_ENV)}
-        return self._remote_cls.options(**options).remote(rank, self.world_size, model, self.cfg.dtype, self.device)
+        assert self.layout is not None
+        degrees = (self.layout.cfg_degree, self.layout.ring_degree, self.layout.ulysses_degree)
+        return self._remote_cls.options(**options).remote(rank, self.world_size, model, self.cfg.dtype, self.device,
+                                                          degrees)
 
     async def _wait_loaded(self, timeout: float) -> None:
         try:

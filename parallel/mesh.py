@@ -109,6 +109,17 @@ def auto_layout(world_size: int, num_heads: int, guided: bool, max_ulysses: int 
     return ParallelLayout(cfg_degree=cfg, ring_degree=sp // ulysses, ulysses_degree=ulysses)
 
 
+def resolve_layout(world_size: int, num_heads: int, guided: bool, cfg_degree: int | None = None,
+                   ring_degree: int | None = None, ulysses_degree: int | None = None) -> ParallelLayout:
+    """The layout for the configured degrees, validated: all three None = `auto_layout`, otherwise an
+    unset degree is 1. Raises LayoutError with the reason and a valid alternative.
+    """
+    if cfg_degree is None and ring_degree is None and ulysses_degree is None:
+        return auto_layout(world_size, num_heads, guided)
+    layout = ParallelLayout(cfg_degree or 1, ring_degree or 1, ulysses_degree or 1)
+    return layout.validate(world_size, num_heads, guided)
+
+
 @dataclass
 class ParallelMesh:
     """This rank's place in a layout and the process groups it communicates over.

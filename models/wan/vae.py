@@ -10,6 +10,10 @@ The causal state of one encode or decode call lives in a `FeatureCache` created 
 passed down the forward; nothing is kept on the modules between calls. The reference keeps the same
 state in a list indexed by a running counter in forward order; keying slots by module gives the same
 numbers because every cached conv runs exactly once per chunk.
+
+The cache also carries a `SpatialSplit`: the seam through which a decode split into horizontal strips
+(one per rank, `parallel.vae_decode`) gets its neighbours' boundary rows for every 3x3 conv and the
+full frame for the mid-block attention. The default split is the unsplit, single-rank decode.
 """
 
 from __future__ import annotations
@@ -48,17 +52,47 @@ _FIRST_FRAME_DONE = object()
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Causal convolution and its per-call cache
+# 1. Causal convolution, the spatial split and the per-call cache
 # ---------------------------------------------------------------------------------------------
+class SpatialSplit:
+    """How the rows (H, dim -2) of one decode are split into strips; this base class is the unsplit case.
+
+    A strip-parallel decode (`parallel.vae_decode.RowSplit`) overrides the three operations so that
+    every strip computes exactly the rows a single-rank decode would: 3x3 convs see their neighbours'
+    boundary rows instead of zeros, and the attention block sees the full frame. The overrides here
+    return their input unchanged (or do the plain zero padding), so the single-rank decode runs the
+    same kernels on the same tensors as without the seam.
+    """
+
+    splits_rows = False
+    """True when the rows are split; a Conv2d then pads H through `pad` instead of internally."""
+
+    def pad(self, x: torch.Tensor, padding: tuple[int, ...] | list[int]) -> torch.Tensor:
+        """F.pad(x, padding) with zeros, except that the H rows (padding[2], padding[3]) come from the
+        neighbouring strips (zeros only at the image's top and bottom edges). Unsplit: plain F.pad."""
+        return F.pad(x, padding)
+
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """This strip (..., h, W) -> the full frame (..., H, W), all strips in order. Unsplit: x itself."""
+        return x
+
+    def local_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The full frame (..., H, W) -> this strip's rows (..., h, W). Unsplit: x itself."""
+        return x
+
+
 class FeatureCache:
     """Causal state of one encode or decode call: per cached module, what it keeps from the last chunk.
 
     A slot holds the last `CACHE_T` input frames of a causal conv (or a marker for upsample3d).
-    One instance per call; spatial strips decoded separately would each get their own.
+    One instance per call. `spatial` says how the call's rows are split; in a strip-parallel decode
+    each rank has its own cache holding only its strip's rows (the time axis is never split, so the
+    causal state stays local and only the spatial padding needs the neighbours).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, spatial: SpatialSplit | None = None) -> None:
         self._slots: dict[nn.Module, Any] = {}
+        self.spatial = spatial if spatial is not None else SpatialSplit()
 
     def get(self, module: nn.Module) -> Any:
         return self._slots.get(module)
@@ -81,7 +115,9 @@ def _carry(x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
 class CausalConv3d(nn.Conv3d):
     """Conv3d padded only at the front in time (2 * p_t frames) and symmetrically in space, with zeros.
 
-    Frames from the previous chunk, when given, replace that many frames of front padding.
+    Frames from the previous chunk, when given, replace that many frames of front padding. The
+    padding goes through the cache's `SpatialSplit`, so a strip gets its neighbours' rows (of the
+    previous chunk's frames too) in place of the H zeros.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int],
@@ -90,13 +126,16 @@ class CausalConv3d(nn.Conv3d):
         pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
         self._causal_padding = (pw, pw, ph, ph, 2 * pt, 0)
 
-    def conv(self, x: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, C, T, H, W); prev: (B, C, t<=2, H, W) frames preceding x, or None for zeros."""
+    def conv(self, x: torch.Tensor, prev: torch.Tensor | None = None,
+             spatial: SpatialSplit | None = None) -> torch.Tensor:
+        """x: (B, C, T, H, W); prev: (B, C, t<=2, H, W) frames preceding x, or None for zeros;
+        spatial: where the H padding comes from (None: zeros)."""
         padding = list(self._causal_padding)
         if prev is not None and padding[4] > 0:
             x = torch.cat([prev.to(x.device), x], dim=2)
             padding[4] -= prev.shape[2]
-        return super().forward(F.pad(x, padding))
+        # pad after joining prev, so a strip's halo covers the previous chunk's frames as well
+        return super().forward(F.pad(x, padding) if spatial is None else spatial.pad(x, padding))
 
     def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
         """With a cache: continue from the previous chunk and remember this chunk's tail."""
@@ -104,7 +143,7 @@ class CausalConv3d(nn.Conv3d):
             return self.conv(x)
         prev = cache.get(self)
         cache.put(self, _carry(x, prev))
-        return self.conv(x, prev)
+        return self.conv(x, prev, cache.spatial)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +207,15 @@ class AttentionBlock(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
-        """x: (B, C, T, H, W); frames are independent, so the cache is not used."""
+        """x: (B, C, T, H, W); frames are independent, so the causal state is not used.
+
+        Every position attends to the whole frame, so a strip of a split decode gathers the full
+        frame, runs the block on it (as every other strip does; it is at latent resolution) and
+        keeps its own rows: the same numbers as the unsplit block.
+        """
+        spatial = cache.spatial if cache is not None else None
+        if spatial is not None:
+            x = spatial.gather_rows(x)
         identity = x
         b, c, t, h, w = x.shape
         x = self.norm(_frames_to_images(x))
@@ -177,7 +224,8 @@ class AttentionBlock(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v)
         x = x.squeeze(1).permute(0, 2, 1).reshape(b * t, c, h, w)
         x = self.proj(x)
-        return _images_to_frames(x, t) + identity
+        x = _images_to_frames(x, t) + identity
+        return spatial.local_rows(x) if spatial is not None else x
 
 
 class Upsample2x(nn.Module):
@@ -195,6 +243,8 @@ class Resample(nn.Module):
     upsample2d/3d: nearest-exact x2 (in fp32) + Conv2d 3x3 (C -> C/2);
     upsample3d first runs time_conv (3,1,1) C -> 2C and interleaves the halves in time (t -> 2t).
     The first chunk of a call skips time_conv in both directions (wan.md §5.3).
+    In a row-split decode the upsampling conv takes its H padding from the cache's `SpatialSplit`
+    (nearest x2 and time_conv act per row, so they need nothing from the neighbours).
     """
 
     MODES = ("upsample2d", "upsample3d", "downsample2d", "downsample3d")
@@ -217,10 +267,24 @@ class Resample(nn.Module):
         if self.mode == "upsample3d" and cache is not None:
             x = self._upsample_time(x, cache)
         t = x.shape[2]
-        x = _images_to_frames(self.resample(_frames_to_images(x)), t)
+        spatial = cache.spatial if cache is not None else None
+        if spatial is not None and spatial.splits_rows and self.mode.startswith("upsample"):
+            x = _images_to_frames(self._upsample_space_split(_frames_to_images(x), spatial), t)
+        else:
+            x = _images_to_frames(self.resample(_frames_to_images(x)), t)
         if self.mode == "downsample3d" and cache is not None:
             x = self._downsample_time(x, cache)
         return x
+
+    def _upsample_space_split(self, x: torch.Tensor, spatial: SpatialSplit) -> torch.Tensor:
+        """`self.resample` on a strip (B*T, C, h, W): the conv's H padding comes from the neighbours.
+
+        Only for a split decode: the unsplit path keeps nn.Conv2d's built-in zero padding (no copy).
+        """
+        upsample, conv = self.resample
+        ph, pw = conv.padding
+        x = spatial.pad(upsample(x), (pw, pw, ph, ph))
+        return F.conv2d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
 
     def _upsample_time(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         """(B, C, t, H, W) -> (B, C, 2t, H, W); the first call of a decode leaves its one frame alone."""
@@ -435,31 +499,37 @@ class WanVAE(nn.Module):
 
     # ---- decode ----
     @torch.no_grad()
-    def decode_frames(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+    def decode_frames(self, latents: torch.Tensor, spatial: SpatialSplit | None = None) -> Iterator[torch.Tensor]:
         """Normalised latents (B, z, T, h, w) -> pixel chunks in [-1, 1], fp32, one per latent frame.
 
         The first chunk is (B, 3, 1, 8h, 8w), every later one (B, 3, 4, 8h, 8w). Consume the whole
-        generator: the causal state lives only for its lifetime.
+        generator: the causal state lives only for its lifetime. `spatial`: when `latents` is one
+        row strip of a split decode, the split that connects it to the other strips (default: unsplit).
         """
         self._check_latents(latents)
         mean, inv_std = self._mean_std(latents.device)
         z = latents.float() / inv_std + mean
         x = self.conv2(z.to(device=self.device, dtype=self.dtype))
-        cache = FeatureCache()
+        cache = FeatureCache(spatial)
         for i in range(x.shape[2]):
             yield self.decode_step(x[:, :, i:i + 1], cache).float().clamp_(-1.0, 1.0)
 
     def decode_step(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         """One latent frame after conv2, (B, z, 1, h, w) -> unclamped pixels (B, 3, 1 or 4, 8h, 8w).
 
-        The seam for decoding spatial strips separately: each strip keeps its own `cache`.
+        `cache` holds this call's causal state and its `SpatialSplit` (a strip of a split decode
+        keeps its own cache).
         """
         return self.decoder(x, cache)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents (B, z, T, h, w) -> video (B, 3, 4(T-1)+1, 8h, 8w) in [-1, 1], fp32."""
-        return torch.cat(list(self.decode_frames(latents)), dim=2)
+    def decode(self, latents: torch.Tensor, spatial: SpatialSplit | None = None) -> torch.Tensor:
+        """Normalised latents (B, z, T, h, w) -> video (B, 3, 4(T-1)+1, 8h, 8w) in [-1, 1], fp32.
+
+        With `spatial`, `latents` is this rank's row strip and the result is its strip of pixel rows
+        (`parallel.vae_decode.decode_patch_parallel` splits and reassembles).
+        """
+        return torch.cat(list(self.decode_frames(latents, spatial)), dim=2)
 
     # ---- checkpoints ----
     @classmethod
