@@ -54,11 +54,13 @@ class ParallelLayout:
                                                   ("ulysses", self.ulysses_degree)) if deg > 1]
         return "x".join(parts) or "single"
 
-    def validate(self, world_size: int, num_heads: int, guided: bool) -> "ParallelLayout":
+    def validate(self, world_size: int, num_heads: int, guided: bool,
+                 world_label: str = "dit.world_size") -> "ParallelLayout":
         """Raise LayoutError naming the problem and a valid alternative; returns self when it can run.
 
-        world_size: ranks of the DiT group; num_heads: the model's attention heads; guided: whether the
-        model's default guidance uses an unconditional branch (guidance_scale != 1).
+        world_size: ranks that run one request; num_heads: the model's attention heads; guided: whether
+        guidance runs an unconditional branch (guidance_scale != 1); world_label: the setting that fixed
+        world_size, named in the message.
         """
         for name, degree in (("cfg_degree", self.cfg_degree), ("ring_degree", self.ring_degree),
                              ("ulysses_degree", self.ulysses_degree)):
@@ -70,8 +72,8 @@ class ParallelLayout:
         if self.world_size != world_size:
             raise LayoutError(
                 f"parallel layout cfg_degree {self.cfg_degree} x ring_degree {self.ring_degree} x ulysses_degree "
-                f"{self.ulysses_degree} = {self.world_size} ranks, but the DiT group has {world_size} "
-                f"(dit.world_size); the degrees must multiply to {world_size}{hint}")
+                f"{self.ulysses_degree} = {self.world_size} ranks, but there are {world_size} "
+                f"({world_label}); the degrees must multiply to {world_size}{hint}")
         if num_heads % self.ulysses_degree:
             valid = ", ".join(str(d) for d in divisors(num_heads))
             raise LayoutError(
@@ -79,8 +81,8 @@ class ParallelLayout:
                 f"(valid Ulysses degrees: {valid}); use ring_degree for the rest{hint}")
         if self.cfg_degree == 2 and not guided:
             raise LayoutError(
-                f"cfg_degree 2 needs classifier-free guidance, but this model's guidance_scale is 1 (no "
-                f"unconditional branch to run on the second half of the ranks); use cfg_degree 1{hint}")
+                f"cfg_degree 2 needs classifier-free guidance, but guidance_scale is 1 (no unconditional "
+                f"branch to run on the second half of the ranks); use cfg_degree 1{hint}")
         return self
 
 
@@ -110,14 +112,15 @@ def auto_layout(world_size: int, num_heads: int, guided: bool, max_ulysses: int 
 
 
 def resolve_layout(world_size: int, num_heads: int, guided: bool, cfg_degree: int | None = None,
-                   ring_degree: int | None = None, ulysses_degree: int | None = None) -> ParallelLayout:
+                   ring_degree: int | None = None, ulysses_degree: int | None = None,
+                   world_label: str = "dit.world_size") -> ParallelLayout:
     """The layout for the configured degrees, validated: all three None = `auto_layout`, otherwise an
     unset degree is 1. Raises LayoutError with the reason and a valid alternative.
     """
     if cfg_degree is None and ring_degree is None and ulysses_degree is None:
         return auto_layout(world_size, num_heads, guided)
     layout = ParallelLayout(cfg_degree or 1, ring_degree or 1, ulysses_degree or 1)
-    return layout.validate(world_size, num_heads, guided)
+    return layout.validate(world_size, num_heads, guided, world_label)
 
 
 @dataclass

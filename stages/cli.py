@@ -1,9 +1,16 @@
-"""`smartdiff`: the command line. `smartdiff generate` runs the in-process pipeline once."""
+"""`smartdiff`: the command line. `smartdiff generate` runs the pipeline once.
+
+With `--world-size N` it spawns N local ranks (one torch.distributed group: gloo on CPU, NCCL with
+one GPU per rank on CUDA) that run the same pipeline together: the DiT over the parallel layout
+(`--cfg-degree/--ring-degree/--ulysses-degree`, automatic when none is given) and the VAE decode one
+strip per rank. Rank 0 reports progress and returns the frames; this process writes the files.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import sys
 import time
@@ -15,8 +22,10 @@ import torch
 from tqdm import tqdm
 
 from models.loading import CheckpointError
+from parallel.launch import run_local
+from parallel.mesh import LayoutError, ParallelLayout, resolve_layout
 from stages.media import output_suffix, write_media, write_sidecar
-from stages.params import GenerationParams, format_validation_error
+from stages.params import GenerationParams, ResolvedParams, format_validation_error
 from stages.samplers import SAMPLER_NAMES
 
 logger = logging.getLogger("smartdiff")
@@ -61,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    par = gen.add_argument_group("parallelism (one request over several local ranks)")
+    par.add_argument("--world-size", type=int, default=1,
+                     help="ranks to spawn on this machine (CUDA: one GPU each); default 1")
+    par.add_argument("--cfg-degree", type=int, help="1 or 2: run the two guidance branches on different ranks")
+    par.add_argument("--ring-degree", type=int, help="ring-attention degree")
+    par.add_argument("--ulysses-degree", type=int, help="Ulysses degree (must divide the attention heads)")
     return parser
 
 
@@ -73,7 +88,8 @@ def peak_memory_mb(device: str) -> dict[str, float]:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from stages.pipeline import Pipeline  # heavy imports only once the arguments are known
+    from models.wan.checkpoint import WanCheckpoint  # heavy imports only once the arguments are known
+    from models.wan.default_model import resolve_model_path
 
     fields = {PARAM_FLAGS[k]: v for k, v in vars(args).items() if k in PARAM_FLAGS and v is not None}
     try:
@@ -82,44 +98,82 @@ def generate(args: argparse.Namespace) -> int:
         print(f"smartdiff: invalid request:\n{format_validation_error(exc)}", file=sys.stderr)
         return 2
     try:
-        pipeline = Pipeline.from_pretrained(args.model, dtype=DTYPES.get(args.dtype), device=args.device)
+        root = resolve_model_path(args.model)
+        checkpoint = WanCheckpoint.resolve(root)
     except (CheckpointError, ValueError) as exc:
         print(f"smartdiff: cannot load the model: {exc}", file=sys.stderr)
         return 1
+    preset = checkpoint.preset
     try:
-        resolved = pipeline.resolve(params)
+        resolved = params.resolve(preset.defaults, preset.guidance_scale_2)
     except pydantic.ValidationError as exc:
         print(f"smartdiff: invalid request:\n{format_validation_error(exc)}", file=sys.stderr)
         return 2
+    degrees = (args.cfg_degree, args.ring_degree, args.ulysses_degree)
+    try:
+        if args.world_size < 1:
+            raise LayoutError(f"--world-size must be at least 1, got {args.world_size}")
+        layout = resolve_layout(args.world_size, preset.dit.num_heads, resolved.guided, *degrees,
+                                world_label="--world-size")
+    except LayoutError as exc:
+        print(f"smartdiff: invalid parallel layout: {exc}", file=sys.stderr)
+        return 2
+    rank_args = (str(root), args.dtype, args.device, resolved.model_dump(),
+                 (layout.cfg_degree, layout.ring_degree, layout.ulysses_degree), args.quiet)
+    if layout.world_size == 1:
+        run = _generate_on_rank(0, 1, *rank_args)
+    else:
+        logger.info("spawning %d ranks, layout %s", layout.world_size, layout)
+        # CPU ranks share the cores instead of each taking all of them.
+        threads = max(1, (os.cpu_count() or 1) // layout.world_size) if args.device == "cpu" else None
+        run = run_local(_generate_on_rank, layout.world_size, *rank_args, threads_per_rank=threads)[0]
+    assert run is not None
 
-    bar = tqdm(total=resolved.num_inference_steps, desc="denoising", unit="step", disable=args.quiet)
+    out = args.out or Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{resolved.seed}"
+    out = out.with_suffix(output_suffix(run["frames"].shape[0]))
+    frames = run["frames"]
+    media = write_media(frames, out, fps=preset.defaults.fps)
+    record: dict[str, Any] = {
+        "model": str(root),
+        "preset": preset.name,
+        "params": resolved.model_dump(),
+        "output": str(media),
+        "frames": int(frames.shape[0]),
+        "height": int(frames.shape[1]),
+        "width": int(frames.shape[2]),
+        "fps": preset.defaults.fps,
+        "device": args.device,
+        "dtype": run["dtype"],
+        "world_size": layout.world_size,
+        "parallel_layout": str(layout),
+        "timings_s": {k: round(v, 4) for k, v in run["timings"].items()},
+        "memory": run["memory"],
+    }
+    sidecar = write_sidecar(media, record)
+    print(f"wrote {media} and {sidecar} ({run['timings']['total']:.1f} s)")
+    return 0
+
+
+def _generate_on_rank(rank: int, world_size: int, model: str, dtype: str | None, device: str,
+                      params: dict[str, Any], degrees: tuple[int, int, int], quiet: bool) -> dict[str, Any] | None:
+    """One rank of `generate` (a spawned process, or this one when world_size is 1); rank 0 returns the result."""
+    from parallel.mesh import ParallelMesh
+    from stages.pipeline import Pipeline
+
+    mesh = ParallelMesh.build(ParallelLayout(*degrees)) if world_size > 1 else None
+    pipeline = Pipeline.from_pretrained(model, dtype=DTYPES.get(dtype) if dtype else None, device=device, mesh=mesh)
+    resolved = ResolvedParams.model_validate(params)
+    bar = tqdm(total=resolved.num_inference_steps, desc="denoising", unit="step", disable=quiet or rank != 0)
 
     def progress(done: int, total: int) -> None:
         bar.update(done - bar.n)
 
     result = pipeline.generate(resolved, progress=progress)
     bar.close()
-
-    out = args.out or Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{resolved.seed}"
-    out = out.with_suffix(output_suffix(result.frames.shape[0]))
-    media = write_media(result.frames, out, fps=pipeline.preset.defaults.fps)
-    record: dict[str, Any] = {
-        "model": pipeline.model_name,
-        "preset": pipeline.preset.name,
-        "params": result.params.model_dump(),
-        "output": str(media),
-        "frames": int(result.frames.shape[0]),
-        "height": int(result.frames.shape[1]),
-        "width": int(result.frames.shape[2]),
-        "fps": pipeline.preset.defaults.fps,
-        "device": args.device,
-        "dtype": str(next(pipeline.denoise_stage.experts[0].parameters()).dtype).removeprefix("torch."),
-        "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
-        "memory": peak_memory_mb(args.device),
-    }
-    sidecar = write_sidecar(media, record)
-    print(f"wrote {media} and {sidecar} ({result.timings['total']:.1f} s)")
-    return 0
+    if rank != 0:
+        return None
+    return {"frames": result.frames, "timings": result.timings, "memory": peak_memory_mb(device),
+            "dtype": str(next(pipeline.denoise_stage.experts[0].parameters()).dtype).removeprefix("torch.")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

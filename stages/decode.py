@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from models.wan.vae import WanVAE
+from parallel.vae_decode import decode_patch_parallel
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
@@ -28,7 +30,13 @@ class DecodeStage:
         return cls(WanVAE.from_pretrained(path, dtype=torch.float32, device=device))
 
     @torch.inference_mode()
-    def run(self, latents: torch.Tensor) -> np.ndarray:
-        """latents (C, F', H', W') normalised -> frames (4(F'-1)+1, 8H', 8W', 3) uint8."""
-        video = self.vae.decode(latents.to(self.device, torch.float32)[None])[0]
+    def run(self, latents: torch.Tensor, parallel: bool = False,
+            group: dist.ProcessGroup | None = None) -> np.ndarray:
+        """latents (C, F', H', W') normalised -> frames (4(F'-1)+1, 8H', 8W', 3) uint8.
+
+        parallel: a collective call in which each rank of `group` (default: the whole process group)
+        decodes one strip of rows (parallel.vae_decode, equal to the single-rank decode).
+        """
+        x = latents.to(self.device, torch.float32)[None]
+        video = decode_patch_parallel(self.vae, x, group)[0] if parallel else self.vae.decode(x)[0]
         return to_uint8_frames(video)

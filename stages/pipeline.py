@@ -17,6 +17,7 @@ import torch
 
 from models.wan.checkpoint import WanCheckpoint
 from models.wan.config import WanPreset
+from parallel.mesh import ParallelMesh
 from stages.decode import DecodeStage
 from stages.denoise import DenoiseStage, ProgressFn
 from stages.params import GenerationParams, ResolvedParams
@@ -41,19 +42,25 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 
 
 class Pipeline:
-    """Chains the three stages for one request at a time."""
+    """Chains the three stages for one request at a time.
+
+    With a `ParallelMesh` (every rank of a torch.distributed group runs the same Pipeline calls),
+    the denoiser is spread over the mesh and the VAE decodes one strip per rank of the whole group;
+    text encoding is cheap and runs on every rank.
+    """
 
     def __init__(self, text_stage: TextEncodeStage, denoise_stage: DenoiseStage, decode_stage: DecodeStage,
-                 preset: WanPreset, model_name: str = "") -> None:
+                 preset: WanPreset, model_name: str = "", mesh: ParallelMesh | None = None) -> None:
         self.text_stage = text_stage
         self.denoise_stage = denoise_stage
         self.decode_stage = decode_stage
         self.preset = preset
         self.model_name = model_name or preset.name
+        self.mesh = mesh
 
     @classmethod
     def from_pretrained(cls, path_or_preset: str | Path | None = None, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu") -> "Pipeline":
+                        device: str | torch.device = "cpu", mesh: ParallelMesh | None = None) -> "Pipeline":
         """A checkpoint folder (original or diffusers layout), or None / a bundled model's name."""
         from models.wan.default_model import resolve_model_path
 
@@ -65,10 +72,11 @@ class Pipeline:
         return cls(
             TextEncodeStage.from_pretrained(checkpoint.text_encoder, checkpoint.preset.dit.text_len,
                                             dtype=dtype, device=device),
-            DenoiseStage.from_pretrained(checkpoint, dtype=dtype, device=device),
+            DenoiseStage.from_pretrained(checkpoint, dtype=dtype, device=device, mesh=mesh),
             DecodeStage.from_pretrained(checkpoint.vae, device=device),
             checkpoint.preset,
             model_name=str(root),
+            mesh=mesh,
         )
 
     def resolve(self, params: GenerationParams | ResolvedParams | Mapping[str, Any]) -> ResolvedParams:
@@ -95,7 +103,7 @@ class Pipeline:
         timings["denoise"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        frames = self.decode_stage.run(final_latents)
+        frames = self.decode_stage.run(final_latents, parallel=self.mesh is not None)
         timings["decode"] = time.perf_counter() - mark
         timings["total"] = time.perf_counter() - start
         return GenerationResult(frames, resolved, timings, final_latents)

@@ -211,8 +211,8 @@ def test_drop_with_a_dead_rank_does_not_raise_but_breaks_the_group(groups: dict[
 
 
 @pytest.mark.parametrize("degrees, message", [
-    ({"ulysses_degree": 4}, r"= 4 ranks, but the DiT group has 2 \(dit.world_size\)"),
-    ({"ring_degree": 2, "cfg_degree": 2}, r"= 4 ranks, but the DiT group has 2"),
+    ({"ulysses_degree": 4}, r"= 4 ranks, but there are 2 \(dit.world_size\)"),
+    ({"ring_degree": 2, "cfg_degree": 2}, r"= 4 ranks, but there are 2"),
 ])
 def test_invalid_layout_fails_before_any_actor_starts(tiny_model: str, ray_cluster: None, run: Callable,
                                                       degrees: dict[str, int], message: str) -> None:

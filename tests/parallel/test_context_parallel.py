@@ -109,7 +109,7 @@ def test_ranks_outside_a_layout_get_no_mesh(parallel_results) -> None:
 # ---- layout checks (no processes) -----------------------------------------------------------
 
 def test_layout_product_must_equal_world_size() -> None:
-    with pytest.raises(LayoutError, match=r"= 4 ranks, but the DiT group has 2 \(dit.world_size\).*"
+    with pytest.raises(LayoutError, match=r"= 4 ranks, but there are 2 \(dit.world_size\).*"
                                           r"e\.g\. cfg_degree=2 ring_degree=1 ulysses_degree=1"):
         ParallelLayout(cfg_degree=2, ulysses_degree=2).validate(world_size=2, num_heads=12, guided=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,34 @@ def test_bad_parameter_names_the_field(home: Path, capsys: pytest.CaptureFixture
 def test_missing_model_is_a_clear_error(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "--prompt", "x", "--model", str(home / "nowhere")]) == 1
     assert "nowhere" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_local_ranks_give_the_single_rank_image(home: Path) -> None:
+    """--world-size 2 spawns two gloo ranks (automatic layout: CFG parallel, strip-parallel decode)."""
+    args = ["generate", "--prompt", "a red circle moving left", "--frames", "1", "--height", "32", "--width", "48",
+            "--steps", "3", "--seed", "5", "-q"]
+    assert main([*args, "--out", str(home / "one.png")]) == 0
+    assert main([*args, "--out", str(home / "two.png"), "--world-size", "2", "--ulysses-degree", "2"]) == 0
+    one, two = read_video(home / "one.png").astype(int), read_video(home / "two.png").astype(int)
+    assert one.shape == two.shape == (1, 32, 48, 3)
+    assert abs(one - two).max() <= 1  # fp32 sums in another order can flip a rounding
+    assert (one == two).mean() > 0.99
+    record = json.loads((home / "two.json").read_text())
+    assert (record["world_size"], record["parallel_layout"]) == (2, "ulysses2")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--world-size", "2", "--ulysses-degree", "4"], r"= 4 ranks, but there are 2 \(--world-size\)"),
+    (["--world-size", "2", "--cfg-degree", "2", "--guidance", "1"], "cfg_degree 2 needs classifier-free guidance"),
+    (["--world-size", "0"], "--world-size must be at least 1"),
+])
+def test_invalid_parallel_layout_is_refused_before_spawning(home: Path, capsys: pytest.CaptureFixture[str],
+                                                            flags: list[str], message: str) -> None:
+    assert main(["generate", "--prompt", "x", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "invalid parallel layout" in err
+    assert re.search(message, err), err
 
 
 def test_stages_never_import_ray() -> None:
