@@ -26,6 +26,17 @@ class PoolConfig(_Strict):
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor; 0 on CPU-only clusters.")
 
 
+class VAEConfig(PoolConfig):
+    """The decode pool. With patch_parallel > 1 each replica is a group of that many rank actors (one
+    torch.distributed group in one STRICT_PACK placement group, num_cpus/num_gpus per rank) that decode
+    one horizontal strip each and give the same frames as one actor (parallel/vae_decode.py)."""
+
+    patch_parallel: int = Field(1, ge=1, le=64,
+                                description="Rank actors per decode replica (1 = one actor). N > 1: N ranks in one "
+                                            "torch.distributed group each decode a strip of rows, for frames too "
+                                            "large or slow for one device; exact. num_cpus/num_gpus are per rank.")
+
+
 class DiTConfig(_Strict):
     """DiT groups: each is `world_size` rank actors in one STRICT_PACK placement group."""
 
@@ -64,7 +75,7 @@ class ServiceConfig(_Strict):
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU.")
     text_encoder: PoolConfig = PoolConfig()
     dit: DiTConfig = DiTConfig()
-    vae: PoolConfig = PoolConfig()
+    vae: VAEConfig = VAEConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     job_store: Path = Field(Path("smartdiff-jobs.sqlite"), description="SQLite file recording every accepted job.")
     output_dir: Path = Field(Path("outputs"), description="Where results (mp4/png + JSON sidecar) are written.")

@@ -14,17 +14,11 @@ the ranks run ONE small all_reduce that checks they stand at the same step and t
 (STYLE habit 10: group checks at chunk boundaries, never a per-step barrier). Every rank enters
 that collective even when its own chunk raised, so a Python error never strands the others in it.
 
-Failure is group-wide (ARCHITECTURE.md): a dead rank cannot rejoin a process group, and the
-survivors would block in their next collective until its timeout, so any rank death kills the
-whole group, marks it broken and raises `StageActorDied("denoise", ...)`; `restart()` rebuilds it.
-
-GPU ranks: Ray normally masks CUDA_VISIBLE_DEVICES to the rank's own GPU, which keeps NCCL off
-NVLink/P2P on some systems (ray.md §2.3). We use fix B: ranks run with
-RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1, see every GPU of the node, and bind
-`cuda:<id Ray assigned>` (get_accelerator_ids) in every method, since Ray may run methods on
-a thread other than the constructor's and the current CUDA device is per thread.
-TORCH_NCCL_ASYNC_ERROR_HANDLING=1 makes a stuck NCCL collective abort after the group timeout.
-On CPU nothing is set and the group uses gloo.
+The generic group machinery (placement group, rendezvous, init on all ranks at once, ping in
+its own concurrency group, group-wide failure, the GPU environment) lives in actors/rank_group.py:
+`DiTGroup` is a `RankGroup` and `DiTRankActor` a `RankActor` that builds its mesh in
+`on_group_ready`. A dead rank breaks the whole group and raises `StageActorDied("denoise", ...)`;
+`restart()` rebuilds it.
 """
 
 from __future__ import annotations
@@ -32,20 +26,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
-import time
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import ray
-from ray.actor import ActorHandle
-from ray.util.placement_group import PlacementGroup, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.config import ServiceConfig
-from actors.errors import StageActorDied, StageStartError, first_line, is_actor_death
-from actors.pool import bundle_resources, kill_quietly, reserve_placement_group
+from actors.errors import StageActorDied, StageStartError
+from actors.rank_group import RankActor, RankGroup
 from actors.stage_actors import resolve_checkpoint, resolve_dtype, resolve_model_folder
 from models.wan.checkpoint import WanCheckpoint, read_dit_config
 from parallel.mesh import LayoutError, ParallelLayout, resolve_layout
@@ -56,29 +44,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STAGE = "denoise"
-HEALTH_GROUP = "health"
-"""Concurrency group of `ping`, so a health check is answered while a chunk is running."""
-GPU_RANK_ENV = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
-
-
-def _rank_cuda_device() -> str:
-    """`cuda:<index>` of the GPU Ray assigned to this process, whether or not Ray masked CUDA_VISIBLE_DEVICES."""
-    ids = ray.get_runtime_context().get_accelerator_ids().get("GPU") or []
-    if not ids:
-        return "cuda:0"
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    if ids[0] in visible:
-        return f"cuda:{visible.index(ids[0])}"
-    return f"cuda:{int(ids[0])}"
-
-
-class DiTRankActor:
+class DiTRankActor(RankActor):
     """One rank of a DiT group: the denoiser, this rank's job states, and its process-group membership."""
 
     def __init__(self, rank: int, world_size: int, model: str, dtype: str, device: str,
@@ -86,54 +54,21 @@ class DiTRankActor:
         """model: checkpoint folder; dtype: "auto"/"fp32"/"bf16"; device: "cpu" or "cuda" (bound to Ray's GPU);
         layout: (cfg_degree, ring_degree, ulysses_degree), already validated by DiTGroup.
 
-        torch is imported here, after Ray has set this process's environment (GPU_RANK_ENV).
+        torch is imported here, after Ray has set this process's environment (rank_group.GPU_RANK_ENV).
         """
         from stages.denoise import DenoiseStage
 
-        self.rank = rank
-        self.world_size = world_size
+        self._init_rank(rank, world_size, device)
         self.layout = layout
-        self.device = _rank_cuda_device() if device == "cuda" else device
-        self._bind_device()
         checkpoint = resolve_checkpoint(model)
         torch_dtype = resolve_dtype(dtype, device)
         self._stage = DenoiseStage.from_pretrained(checkpoint, dtype=torch_dtype, device=self.device)
         self._jobs: dict[str, DenoiseJob] = {}
-        self._group: dict[str, Any] | None = None
         logger.info("DiT rank %d/%d loaded %s (%s on %s, pid %d)", rank, world_size, checkpoint.root, torch_dtype,
                     self.device, os.getpid())
 
-    def _bind_device(self) -> None:
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.set_device(self.device)
-
-    # ---- process group ------------------------------------------------------------------------
-
-    def address(self) -> tuple[str, int]:
-        """This node's IP and a free port: rank 0's answer is the group's rendezvous address."""
-        return ray.util.get_node_ip_address(), _free_port()
-
-    def init_process_group(self, url: str, backend: str, timeout_s: float) -> None:
-        """Join the group (blocks until every rank has joined), then check it with one all_reduce.
-
-        Each rank contributes rank+1, so every rank must see world*(world+1)/2.
-        """
-        import torch
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            raise RuntimeError(f"rank {self.rank} already belongs to a process group; start a new group instead")
-        self._bind_device()
-        dist.init_process_group(backend, init_method=url, rank=self.rank, world_size=self.world_size,
-                                timeout=timedelta(seconds=timeout_s))
-        value = torch.tensor([self.rank + 1], dtype=torch.int64, device=self._comm_device(backend))
-        dist.all_reduce(value)
-        expected = self.world_size * (self.world_size + 1) // 2
-        if int(value.item()) != expected:
-            raise RuntimeError(f"process-group check failed on rank {self.rank}: all_reduce of rank+1 gave "
-                               f"{int(value.item())}, expected {expected}")
+    def on_group_ready(self) -> dict[str, Any]:
+        """Spread the denoiser over this group's `ParallelMesh` (cfg x ring x ulysses)."""
         from parallel.mesh import ParallelLayout, ParallelMesh
 
         layout = ParallelLayout(*self.layout)
@@ -141,16 +76,7 @@ class DiTRankActor:
             mesh = ParallelMesh.build(layout)
             assert mesh is not None
             self._stage.use_mesh(mesh)
-        self._group = {"rank": dist.get_rank(), "world_size": dist.get_world_size(), "backend": backend,
-                       "all_reduce_sum": int(value.item()), "layout": str(layout)}
-        logger.info("rank %d joined %s group of %d at %s", self.rank, backend, self.world_size, url)
-
-    def _comm_device(self, backend: str) -> str:
-        return self.device if backend == "nccl" else "cpu"
-
-    def group_info(self) -> dict[str, Any] | None:
-        """{"rank", "world_size", "backend", "all_reduce_sum", "layout"} as seen after the init check; None before."""
-        return None if self._group is None else dict(self._group)
+        return {"layout": str(layout)}
 
     # ---- jobs ---------------------------------------------------------------------------------
 
@@ -256,10 +182,6 @@ class DiTRankActor:
     def jobs(self) -> list[str]:
         return list(self._jobs)
 
-    def ping(self) -> int:
-        """This rank's number; answers once the weights are loaded."""
-        return self.rank
-
     def _job(self, job_id: str) -> "DenoiseJob":
         try:
             return self._jobs[job_id]
@@ -268,7 +190,7 @@ class DiTRankActor:
                            f"{sorted(self._jobs)})") from None
 
 
-class DiTGroup:
+class DiTGroup(RankGroup):
     """A group of `cfg.dit.world_size` DiTRankActors in one STRICT_PACK placement group, driven from asyncio."""
 
     def __init__(self, cfg: ServiceConfig, group_index: int = 0, model: str | None = None) -> None:
@@ -276,70 +198,22 @@ class DiTGroup:
         self.cfg = cfg
         self.group_index = group_index
         self._model_arg = model if model is not None else cfg.model
-        self.device = cfg.actor_device(cfg.dit.num_gpus)
-        self.backend = "nccl" if self.device == "cuda" else "gloo"
-        if self.device == "cuda" and cfg.dit.num_gpus == 0 and cfg.dit.world_size > 1:
-            raise ValueError(f"device is 'cuda' but dit.num_gpus is 0, so all {cfg.dit.world_size} ranks would share "
-                             f"one GPU under NCCL; set dit.num_gpus to 1 (or device to 'cpu')")
-        self._bundle = bundle_resources(cfg.dit.num_cpus, cfg.dit.num_gpus, STAGE)
-        # ping gets its own thread (concurrency group) so a health check is answered during a chunk.
-        self._remote_cls = ray.remote(concurrency_groups={HEALTH_GROUP: 1})(DiTRankActor)
-        self._pg: PlacementGroup | None = None
         self.layout: ParallelLayout | None = None
-        self._ranks: list[ActorHandle] = []
-        self._broken: str | None = None
+        dit = cfg.dit
+        super().__init__(stage=STAGE, kind="DiT", index=group_index, actor_cls=DiTRankActor,
+                         world_size=dit.world_size, num_cpus=dit.num_cpus, num_gpus=dit.num_gpus,
+                         device=cfg.actor_device(dit.num_gpus), init_timeout_s=dit.init_timeout_s, section="dit",
+                         timeout_key="dit.init_timeout_s")
 
-    @property
-    def world_size(self) -> int:
-        return self.cfg.dit.world_size
-
-    @property
-    def broken(self) -> bool:
-        """True after a rank died: every call raises StageActorDied until restart()."""
-        return self._broken is not None
-
-    @property
-    def ranks(self) -> list[ActorHandle]:
-        """The rank actors, rank 0 first (for tests and diagnostics)."""
-        return list(self._ranks)
-
-    @property
-    def placement_group(self) -> PlacementGroup | None:
-        return self._pg
-
-    # ---- lifecycle ----------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Reserve the placement group, spawn the ranks, rendezvous at rank 0 and init the group on all ranks."""
-        if self._ranks or self._pg is not None:
-            raise RuntimeError(f"DiT group {self.group_index} is already running; use restart()")
-        timeout = self.cfg.dit.init_timeout_s
-        began = time.perf_counter()
+    async def _rank_args(self) -> tuple[Any, ...]:
+        """(model folder, dtype, device, layout degrees), with the layout resolved and validated first."""
         model = str(await asyncio.to_thread(resolve_model_folder, self._model_arg))
         self.layout = await asyncio.to_thread(self._resolve_layout, model)
-        self._pg = await reserve_placement_group(f"{STAGE}{self.group_index}", [dict(self._bundle)] * self.world_size,
-                                                 "STRICT_PACK", timeout)
-        try:
-            self._ranks = [self._spawn(rank, model) for rank in range(self.world_size)]
-            await self._wait_loaded(timeout)
-            host, port = await self._ranks[0].address.remote()
-            url = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
-            # All ranks at once: init_process_group blocks until every rank has joined (ray.md §2.2).
-            refs = [r.init_process_group.remote(url, self.backend, timeout) for r in self._ranks]
-            await asyncio.wait_for(self._gather(refs, "init_process_group"), timeout + 10)
-        except asyncio.TimeoutError:
-            await self._teardown()
-            raise StageStartError(STAGE, f"DiT group {self.group_index}: process group did not form within "
-                                         f"{timeout:g} s (dit.init_timeout_s)") from None
-        except StageActorDied as exc:
-            await self._teardown()
-            raise StageStartError(STAGE, f"DiT group {self.group_index}: {exc.detail}\n{exc.__cause__}") from exc
-        except BaseException:
-            await self._teardown()
-            raise
-        self._broken = None
-        logger.info("DiT group %d started: %d ranks, layout %s (%s, %s, bundle %s) in %.1f s", self.group_index,
-                    self.world_size, self.layout, self.device, self.backend, self._bundle, time.perf_counter() - began)
+        degrees = (self.layout.cfg_degree, self.layout.ring_degree, self.layout.ulysses_degree)
+        return model, self.cfg.dtype, self.device, degrees
+
+    def describe(self) -> str:
+        return f"layout {self.layout}"
 
     def _resolve_layout(self, model: str) -> ParallelLayout:
         """The configured (or automatic) layout for this model, or StageStartError saying why it cannot run."""
@@ -353,48 +227,6 @@ class DiTGroup:
                                   dit.ulysses_degree)
         except LayoutError as exc:
             raise StageStartError(STAGE, f"DiT group {self.group_index}: {exc}") from None
-
-    async def restart(self) -> None:
-        """Kill all ranks, release the placement group and start a fresh group (jobs on it are lost)."""
-        logger.warning("restarting DiT group %d%s", self.group_index,
-                       f" (broken: {self._broken})" if self._broken else "")
-        await self._teardown()
-        await self.start()
-
-    async def shutdown(self) -> None:
-        await self._teardown()
-
-    def _spawn(self, rank: int, model: str) -> ActorHandle:
-        assert self._pg is not None
-        options: dict[str, Any] = dict(
-            num_cpus=self.cfg.dit.num_cpus,
-            num_gpus=self.cfg.dit.num_gpus,
-            max_restarts=0,  # a restarted rank cannot rejoin the process group: the group is rebuilt instead
-            max_task_retries=0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=rank),
-        )
-        if self.device == "cuda":
-            options["runtime_env"] = {"env_vars": dict(GPU_RANK_ENV)}
-        assert self.layout is not None
-        degrees = (self.layout.cfg_degree, self.layout.ring_degree, self.layout.ulysses_degree)
-        return self._remote_cls.options(**options).remote(rank, self.world_size, model, self.cfg.dtype, self.device,
-                                                          degrees)
-
-    async def _wait_loaded(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self._gather([self._ping_ref(r) for r in self._ranks], "loading"), timeout)
-        except asyncio.TimeoutError:
-            raise StageStartError(STAGE, f"DiT group {self.group_index}: ranks did not load within {timeout:g} s "
-                                         f"(dit.init_timeout_s)") from None
-
-    async def _teardown(self) -> None:
-        for rank in self._ranks:
-            kill_quietly(rank)
-        self._ranks = []
-        if self._pg is not None:
-            remove_placement_group(self._pg)
-            self._pg = None
-        self._broken = None
 
     # ---- jobs ---------------------------------------------------------------------------------
 
@@ -441,69 +273,9 @@ class DiTGroup:
         except StageActorDied as exc:
             logger.warning("drop(%s): %s", job_id, exc)
 
-    async def ping(self, timeout_s: float = 10.0) -> bool:
-        """True when every rank answers in time; a dead rank breaks the group (False). Runs beside a chunk."""
-        if self._broken is not None or not self._ranks:
-            return False
-        try:
-            answers = await asyncio.wait_for(self._gather([self._ping_ref(r) for r in self._ranks], "ping"),
-                                             timeout_s)
-        except StageActorDied:
-            return False
-        except asyncio.TimeoutError:
-            logger.warning("DiT group %d: ping got no answer within %g s", self.group_index, timeout_s)
-            return False
-        return list(answers) == list(range(self.world_size))
-
     # ---- fan-out ------------------------------------------------------------------------------
-
-    def _ping_ref(self, rank: ActorHandle) -> ray.ObjectRef:
-        return rank.ping.options(concurrency_group=HEALTH_GROUP).remote()
-
-    def _check_usable(self) -> None:
-        if self._broken is not None:
-            raise StageActorDied(STAGE, f"DiT group {self.group_index} is broken ({self._broken}); restart() it")
-        if not self._ranks:
-            raise RuntimeError(f"DiT group {self.group_index} is not running; call start() first")
 
     async def _drop_everywhere(self, job_id: str, first_rank: int = 0) -> None:
         targets = self._ranks[first_rank:]
         if targets:
             await self._gather([r.drop.remote(job_id) for r in targets], f"drop({job_id})", first_rank)
-
-    async def _gather(self, refs: list[ray.ObjectRef], what: str, first_rank: int = 0) -> list[Any]:
-        """Await one call per rank (refs[i] went to rank first_rank + i).
-
-        The first rank death kills the group and raises StageActorDied at once (survivors would block
-        in their next collective); otherwise the first error in rank order is raised.
-        """
-        futures = [asyncio.ensure_future(_await(ref)) for ref in refs]
-        for future in futures:  # errors we stop waiting for must not be reported as "never retrieved"
-            future.add_done_callback(_consume)
-        pending: set[asyncio.Future[Any]] = set(futures)
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
-            for future in done:
-                exc = future.exception()
-                if is_actor_death(exc):
-                    rank = first_rank + futures.index(future)
-                    detail = (f"rank actor {rank} of DiT group {self.group_index} died during {what}: "
-                              f"{first_line(exc)}")
-                    self._break(detail)
-                    raise StageActorDied(STAGE, detail) from exc
-        return [future.result() for future in futures]
-
-    def _break(self, reason: str) -> None:
-        logger.error("DiT group %d broken: %s; killing all %d ranks", self.group_index, reason, len(self._ranks))
-        self._broken = reason
-        for rank in self._ranks:
-            kill_quietly(rank)
-
-
-async def _await(ref: ray.ObjectRef) -> Any:
-    return await ref
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()

@@ -24,9 +24,10 @@ from actors.config import ServiceConfig
 from actors.dit_group import DiTGroup
 from actors.errors import StageActorDied
 from actors.job_store import TERMINAL_STATUSES, JobRecord, JobStore
-from actors.pool import StagePool
+from actors.pool import GroupPool, StagePool
 from actors.scheduler import QueueFull, StageScheduler
 from actors.stage_actors import TextEncoderActor, VAEDecoderActor
+from actors.vae_group import VAEGroup
 from models.wan.checkpoint import WanCheckpoint
 from models.wan.default_model import resolve_model_path
 from stages.media import output_suffix
@@ -95,8 +96,15 @@ class StageEngine:
         self.text_pool = StagePool("text_encode", TextEncoderActor,
                                    (model, cfg.dtype, cfg.actor_device(te.num_gpus)), {}, te,
                                    init_timeout_s=cfg.dit.init_timeout_s)
-        self.vae_pool = StagePool("decode", VAEDecoderActor, (model, cfg.actor_device(vae.num_gpus)), {}, vae,
-                                  init_timeout_s=cfg.dit.init_timeout_s)
+        # vae.patch_parallel > 1: each decode replica is a group of ranks that decode strips (same interface).
+        self.vae_pool: StagePool | GroupPool = (
+            GroupPool("decode", [VAEGroup(cfg, i, model=model) for i in range(vae.replicas)])
+            if vae.patch_parallel > 1 else
+            StagePool("decode", VAEDecoderActor, (model, cfg.actor_device(vae.num_gpus)), {}, vae,
+                      init_timeout_s=cfg.dit.init_timeout_s))
+        logger.info("decode pool: %d replicas, %s", vae.replicas,
+                    f"each a patch-parallel group of {vae.patch_parallel} VAE ranks" if vae.patch_parallel > 1
+                    else "each one VAE actor")
         self.dit_groups = [DiTGroup(cfg, i, model=model) for i in range(cfg.dit.groups)]
 
         self._embeddings: dict[str, _Embeddings] = {}
@@ -113,8 +121,9 @@ class StageEngine:
         self._changed = asyncio.Condition()
         started = time.perf_counter()
         await asyncio.gather(self.text_pool.start(), self.vae_pool.start(), *(g.start() for g in self.dit_groups))
-        logger.info("stage pools ready in %.1f s (text %d, DiT %d x %d ranks, VAE %d)", time.perf_counter() - started,
-                    self.text_pool.size, len(self.dit_groups), self.cfg.dit.world_size, self.vae_pool.size)
+        logger.info("stage pools ready in %.1f s (text %d, DiT %d x %d ranks, VAE %d x %d ranks)",
+                    time.perf_counter() - started, self.text_pool.size, len(self.dit_groups),
+                    self.cfg.dit.world_size, self.vae_pool.size, self.cfg.vae.patch_parallel)
         self._recover()
         workers = [self._encode_worker() for _ in range(self.text_pool.size)]
         workers += [self._denoise_worker(i) for i in range(len(self.dit_groups))]

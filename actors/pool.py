@@ -7,7 +7,9 @@ actor lands in the bundle its predecessor left. Calls wait for an idle actor in 
 the background and takes the slot when it answers `ping`. Every other exception from the
 stage is passed through untouched.
 
-`reserve_placement_group` and `bundle_resources` are shared with the DiT group.
+`GroupPool` offers the same interface over replicas that are rank groups (a patch-parallel VAE
+decode replica is a group of ranks); both draw replicas through `IdleSlots`, the FIFO logic.
+`reserve_placement_group` and `bundle_resources` are shared with the rank groups (rank_group.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import asyncio
 import logging
 import uuid
 from collections import deque
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol, Sequence
 
 import ray
 from ray.actor import ActorHandle
@@ -95,6 +97,62 @@ def kill_quietly(actor: ActorHandle | None) -> None:
         logger.debug("kill of %s ignored: %s", actor, exc)
 
 
+class IdleSlots:
+    """The idle replicas of a pool, handed out first come, first served.
+
+    `acquire` returns a free slot index at once when nobody is waiting, or queues the caller
+    (FIFO, so one slow caller cannot be overtaken forever); `release` hands a slot to the oldest
+    waiter or marks it idle. A slot that is being rebuilt is simply not released until it is back.
+    Shared by StagePool (one actor per slot) and GroupPool (one rank group per slot).
+    """
+
+    def __init__(self, name: str) -> None:
+        """name: the pool, for the error waiting callers get at close()."""
+        self.name = name
+        self._idle: deque[int] = deque()
+        self._waiters: deque[asyncio.Future[int]] = deque()
+        self.closed = False
+
+    def __len__(self) -> int:
+        """Slots free right now."""
+        return len(self._idle)
+
+    async def acquire(self) -> int:
+        """A free slot's index, waiting behind earlier callers when none is free."""
+        if self._idle and not self._waiters:
+            return self._idle.popleft()
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # a slot was handed over as we were cancelled
+                self.release(waiter.result())
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self, index: int) -> None:
+        """Give slot `index` to the oldest waiter, or mark it idle; a no-op once closed."""
+        if self.closed:
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(index)
+                return
+        self._idle.append(index)
+
+    def close(self) -> None:
+        """Forget every slot; waiting callers fail with RuntimeError and later releases are ignored."""
+        self.closed = True
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(RuntimeError(f"{self.name} pool shut down"))
+        self._idle.clear()
+
+
 class StagePool:
     """N identical actors of one stage (cfg.replicas), each in its own bundle of one PACK placement group."""
 
@@ -111,10 +169,8 @@ class StagePool:
         self._init_timeout_s = init_timeout_s
         self._pg: PlacementGroup | None = None
         self._actors: list[ActorHandle | None] = []
-        self._idle: deque[int] = deque()
-        self._waiters: deque[asyncio.Future[int]] = deque()
+        self._slots = IdleSlots(name)
         self._replacing: set[asyncio.Task[None]] = set()
-        self._closed = False
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -126,7 +182,7 @@ class StagePool:
     @property
     def idle(self) -> int:
         """Slots free for a call right now (a slot whose replacement is loading is not idle)."""
-        return len(self._idle)
+        return len(self._slots)
 
     @property
     def placement_group(self) -> PlacementGroup | None:
@@ -139,7 +195,7 @@ class StagePool:
 
     async def start(self) -> None:
         """Reserve the placement group, spawn the actors and wait until every one has loaded its weights."""
-        if self._pg is not None or self._closed:
+        if self._pg is not None or self._slots.closed:
             raise RuntimeError(f"{self.name} pool was already started (or shut down); build a new StagePool")
         self._pg = await reserve_placement_group(self.name, [dict(self._bundle)] * self.size, "PACK",
                                                  self._init_timeout_s)
@@ -149,7 +205,8 @@ class StagePool:
         except BaseException:
             await self.shutdown()
             raise
-        self._idle = deque(range(self.size))
+        for index in range(self.size):
+            self._slots.release(index)
         logger.info("%s pool started: %d actors of %s, bundle %s", self.name, self.size, self._actor_cls.__name__,
                     self._bundle)
 
@@ -160,9 +217,9 @@ class StagePool:
         takes the slot once loaded);
         any other exception from the actor propagates unchanged.
         """
-        if self._pg is None or self._closed:
+        if self._pg is None or self._slots.closed:
             raise RuntimeError(f"{self.name} pool is not running; call start() first")
-        index = await self._acquire()
+        index = await self._slots.acquire()
         handed_over = False
         try:
             actor = self._actors[index]
@@ -179,53 +236,22 @@ class StagePool:
             raise StageActorDied(self.name, detail) from exc
         finally:
             if not handed_over:
-                self._release(index)
+                self._slots.release(index)
         return result
 
     async def shutdown(self) -> None:
         """Kill every actor and release the placement group; waiting calls fail with RuntimeError."""
-        self._closed = True
+        self._slots.close()
         for task in list(self._replacing):
             task.cancel()
         if self._replacing:
             await asyncio.gather(*self._replacing, return_exceptions=True)
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(RuntimeError(f"{self.name} pool shut down"))
         for actor in self._actors:
             kill_quietly(actor)
         self._actors = []
-        self._idle.clear()
         if self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None
-
-    # ---- slots --------------------------------------------------------------------------------
-
-    async def _acquire(self) -> int:
-        if self._idle and not self._waiters:
-            return self._idle.popleft()
-        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():  # a slot was handed over as we were cancelled
-                self._release(waiter.result())
-            elif waiter in self._waiters:
-                self._waiters.remove(waiter)
-            raise
-
-    def _release(self, index: int) -> None:
-        if self._closed:
-            return
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(index)
-                return
-        self._idle.append(index)
 
     # ---- actors -------------------------------------------------------------------------------
 
@@ -276,14 +302,14 @@ class StagePool:
     def _replace_in_background(self, index: int) -> None:
         """Kill the dead actor and spawn its replacement now; the slot returns to the pool once it answers ping."""
         kill_quietly(self._actors[index])
-        if self._closed:  # the death was the shutdown itself
+        if self._slots.closed:  # the death was the shutdown itself
             return
         try:
             self._actors[index] = self._spawn(index)
         except Exception as exc:  # noqa: BLE001  # e.g. the placement group is gone; the next draw retries
             logger.error("%s pool: could not spawn a replacement for actor %d: %s", self.name, index, exc)
             self._actors[index] = None
-            self._release(index)
+            self._slots.release(index)
             return
         task = asyncio.get_running_loop().create_task(self._finish_replacement(index))
         self._replacing.add(task)
@@ -300,4 +326,130 @@ class StagePool:
             kill_quietly(self._actors[index])
             self._actors[index] = None
         finally:
-            self._release(index)
+            self._slots.release(index)
+
+
+class ReplicaGroup(Protocol):
+    """What GroupPool needs of one replica (actors.rank_group.RankGroup and its subclasses provide it)."""
+
+    label: str
+
+    @property
+    def running(self) -> bool: ...
+    @property
+    def broken(self) -> bool: ...
+    async def start(self) -> None: ...
+    async def restart(self) -> None: ...
+    async def shutdown(self) -> None: ...
+
+
+class GroupPool:
+    """A stage pool whose replicas are rank groups (e.g. patch-parallel VAE groups), with StagePool's interface.
+
+    The engine's worker cannot tell it from a StagePool: `call(method, ...)` awaits `group.<method>(...)`
+    on the next idle group (FIFO among waiters). When a rank dies the group raises StageActorDied,
+    which is passed on at once while the whole group restarts in the background (a rank cannot rejoin
+    a process group) and its slot returns once the group is up again; if that restart fails, the next
+    call drawing the slot tries once more and raises StageActorDied if it fails too. Every other
+    exception from the group is passed through untouched.
+    """
+
+    def __init__(self, name: str, groups: Sequence[ReplicaGroup]) -> None:
+        """name: the stage ("decode"), used in errors and logs; groups: one unstarted group per replica."""
+        if not groups:
+            raise ValueError(f"{name} pool needs at least one group")
+        self.name = name
+        self._groups = list(groups)
+        self._slots = IdleSlots(name)
+        self._restarting: set[asyncio.Task[None]] = set()
+        self._started = False
+
+    @property
+    def size(self) -> int:
+        """Replica slots in the pool (one group each)."""
+        return len(self._groups)
+
+    @property
+    def idle(self) -> int:
+        """Slots free for a call right now (a group being rebuilt is not idle)."""
+        return len(self._slots)
+
+    @property
+    def groups(self) -> list[ReplicaGroup]:
+        """The group of each slot (for tests and diagnostics)."""
+        return list(self._groups)
+
+    async def start(self) -> None:
+        """Start every group concurrently; if one fails, stop them all and raise its error."""
+        if self._started or self._slots.closed:
+            raise RuntimeError(f"{self.name} pool was already started (or shut down); build a new GroupPool")
+        self._started = True
+        # return_exceptions: wait for every start to end before tearing down, so none is left half-built.
+        outcomes = await asyncio.gather(*(g.start() for g in self._groups), return_exceptions=True)
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        if failed:
+            await self.shutdown()
+            raise failed[0]
+        for index in range(self.size):
+            self._slots.release(index)
+        logger.info("%s pool started: %d groups (%s)", self.name, self.size,
+                    ", ".join(g.label for g in self._groups))
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Await `method` of the next idle group (FIFO among waiters).
+
+        Raises StageActorDied if a rank died (the group is rebuilt in the background before the slot
+        is used again) or if a group whose earlier rebuild failed cannot be rebuilt now; any other
+        exception from the group propagates unchanged.
+        """
+        if not self._started or self._slots.closed:
+            raise RuntimeError(f"{self.name} pool is not running; call start() first")
+        index = await self._slots.acquire()
+        group = self._groups[index]
+        try:
+            if not group.running:  # an earlier background rebuild failed: try once more now
+                await self._restart_now(group)
+            result = await getattr(group, method)(*args, **kwargs)
+        except StageActorDied as exc:
+            if not group.broken or self._slots.closed:  # its rebuild just failed, or the death was the shutdown
+                self._slots.release(index)
+                raise
+            logger.warning("%s pool: %s; rebuilding %s", self.name, exc.detail, group.label)
+            task = asyncio.get_running_loop().create_task(self._restart_in_background(index))
+            self._restarting.add(task)
+            task.add_done_callback(self._restarting.discard)
+            raise
+        except BaseException:
+            self._slots.release(index)
+            raise
+        self._slots.release(index)
+        return result
+
+    async def shutdown(self) -> None:
+        """Stop every group; waiting calls fail with RuntimeError."""
+        self._slots.close()
+        for task in list(self._restarting):
+            task.cancel()
+        if self._restarting:
+            await asyncio.gather(*self._restarting, return_exceptions=True)
+        await asyncio.gather(*(g.shutdown() for g in self._groups), return_exceptions=True)
+
+    async def _restart_now(self, group: ReplicaGroup) -> None:
+        try:
+            await group.restart()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise StageActorDied(self.name, f"{group.label} could not be rebuilt: {first_line(exc)}") from exc
+
+    async def _restart_in_background(self, index: int) -> None:
+        group = self._groups[index]
+        try:
+            await group.restart()
+            logger.info("%s pool: %s rebuilt", self.name, group.label)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001  # logged; the next call drawing this slot tries again
+            logger.error("%s pool: rebuilding %s failed: %s", self.name, group.label, exc)
+        finally:
+            self._slots.release(index)

@@ -1,4 +1,5 @@
-"""Actor classes for the text-encode and decode stages (the DiT ranks live in dit_group.py).
+"""Actor classes for the text-encode and decode stages (the DiT ranks live in dit_group.py, the
+patch-parallel VAE ranks in vae_group.py).
 
 They are plain classes: `StagePool` applies `ray.remote` when it spawns them, and tests can
 build them in-process. Each loads only its own stage's weights. Only numpy arrays and small
@@ -91,6 +92,23 @@ class TextEncoderActor:
         return f"text_encode pid {os.getpid()}"
 
 
+def write_result(frames: np.ndarray, out_path: str, fps: int, record: dict[str, Any],
+                 decode_s: float) -> dict[str, Any]:
+    """frames (T, H, W, 3) uint8 -> `out_path` (.mp4, or .png for one frame) + `<out_path stem>.json`.
+
+    record: what reproduces the result (params, model, timings so far); the sidecar holds it plus
+    frames/height/width/decode_s/output. Returns {"path", "sidecar", "frames", "height", "width", "decode_s"}.
+    Shared by the single-actor decoder and rank 0 of a patch-parallel VAE group (vae_group.py).
+    """
+    from stages.media import write_media, write_sidecar
+
+    path = write_media(frames, out_path, fps)
+    info = {"frames": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
+            "decode_s": decode_s}
+    sidecar = write_sidecar(path, {**record, **info, "output": str(path)})
+    return {"path": str(path), "sidecar": str(sidecar), **info}
+
+
 class VAEDecoderActor:
     """Stage 3 in an actor: latents -> media file + JSON sidecar in the output store."""
 
@@ -107,19 +125,16 @@ class VAEDecoderActor:
         record: what reproduces the result (params, model, timings so far); the sidecar holds it
         plus frames/height/width/decode_s/output. Returns the paths and the frame geometry.
         """
+        start = time.perf_counter()
+        frames = self.frames(latents)
+        return write_result(frames, out_path, fps, record, time.perf_counter() - start)
+
+    def frames(self, latents: np.ndarray, parallel: bool = False) -> np.ndarray:
+        """latents (C, F', H', W') -> (T, H, W, 3) uint8; parallel: strip-parallel over this process's group."""
         import torch
 
-        from stages.media import write_media, write_sidecar
-
-        start = time.perf_counter()
         # Arrays from the object store are read-only views; the copy makes a tensor that owns its memory.
-        frames = self.stage.run(torch.tensor(latents, dtype=torch.float32))
-        decode_s = time.perf_counter() - start
-        path = write_media(frames, out_path, fps)
-        info = {"frames": int(frames.shape[0]), "height": int(frames.shape[1]), "width": int(frames.shape[2]),
-                "decode_s": decode_s}
-        sidecar = write_sidecar(path, {**record, **info, "output": str(path)})
-        return {"path": str(path), "sidecar": str(sidecar), **info}
+        return self.stage.run(torch.tensor(latents, dtype=torch.float32), parallel=parallel)
 
     def ping(self) -> str:
         """Answers once the weights are loaded."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ import torch.distributed as dist
 
 from models.wan.vae import WanVAE
 from parallel.vae_decode import decode_patch_parallel
+
+logger = logging.getLogger(__name__)
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
@@ -30,13 +33,24 @@ class DecodeStage:
         return cls(WanVAE.from_pretrained(path, dtype=torch.float32, device=device))
 
     @torch.inference_mode()
-    def run(self, latents: torch.Tensor, parallel: bool = False,
-            group: dist.ProcessGroup | None = None) -> np.ndarray:
+    def run(self, latents: torch.Tensor, parallel: bool = False) -> np.ndarray:
         """latents (C, F', H', W') normalised -> frames (4(F'-1)+1, 8H', 8W', 3) uint8.
 
-        parallel: a collective call in which each rank of `group` (default: the whole process group)
-        decodes one strip of rows (parallel.vae_decode, equal to the single-rank decode).
+        parallel: every rank of the default torch.distributed group calls this with the same latents
+        and decodes one strip of rows (`decode_patch_parallel`); every rank gets the full frames,
+        equal to the single-rank decode up to float summation order. A frame with fewer latent rows
+        than ranks cannot be split, so then every rank decodes it whole (still exact, and small).
         """
-        x = latents.to(self.device, torch.float32)[None]
-        video = decode_patch_parallel(self.vae, x, group)[0] if parallel else self.vae.decode(x)[0]
+        if parallel and not dist.is_initialized():
+            raise RuntimeError("a parallel decode needs the torch.distributed process group of its ranks; "
+                               "init it first (every rank), or decode with parallel=False")
+        z = latents.to(self.device, torch.float32)[None]
+        world_size = dist.get_world_size() if parallel else 1
+        if world_size > 1 and z.shape[-2] >= world_size:
+            video = decode_patch_parallel(self.vae, z)[0]
+        else:
+            if world_size > 1:
+                logger.debug("%d latent rows cannot be split over %d ranks; each rank decodes the whole frame",
+                             z.shape[-2], world_size)
+            video = self.vae.decode(z)[0]
         return to_uint8_frames(video)

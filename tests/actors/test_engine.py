@@ -1,16 +1,21 @@
-"""The stage engine on real Ray pools (tiny model): faults, restarts, priorities, cancellation."""
+"""The stage engine on real Ray pools (tiny model): a request end to end on parallel groups, faults,
+restarts, priorities, cancellation."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
+import numpy as np
 import pytest
 
 from actors.config import ServiceConfig
 from actors.engine import StageEngine
+from actors.errors import StageActorDied
 from actors.job_store import JobStore
+from actors.pool import GroupPool
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +34,87 @@ async def _until(predicate: Callable[[], bool], timeout_s: float = 60) -> None:
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def parallel_engine(ray_cluster: None, tiny_model: str, tmp_path_factory: pytest.TempPathFactory,
+                    run: Callable[[Awaitable[Any]], Any]) -> Iterator[StageEngine]:
+    """A service with a 2-rank DiT group (automatic layout: CFG-parallel for the guided tiny model) and one
+    decode replica that is a patch-parallel group of 2 VAE ranks; shared, since start-up is most of the cost."""
+    cfg = _config(tiny_model, tmp_path_factory.mktemp("parallel-engine"),
+                  **{"dit.world_size": 2, "vae.patch_parallel": 2})
+    engine = StageEngine(cfg)
+    run(engine.start())
+    yield engine
+    run(engine.shutdown())
+
+
+def test_service_runs_a_request_on_a_two_rank_dit_group_and_a_patch_parallel_vae_end_to_end(
+        parallel_engine: StageEngine, tiny_model: str, run: Callable[[Awaitable[Any]], Any]) -> None:
+    """Same pixels as the in-process Pipeline: a png is lossless, so only uint8 rounding may differ (the
+    CFG-parallel DiT and the strip decode sum in another order than one process)."""
+    import ray
+
+    from stages.media import read_video
+    from stages.pipeline import Pipeline
+
+    engine = parallel_engine
+    assert str(engine.dit_groups[0].layout) == "cfg2"
+    assert isinstance(engine.vae_pool, GroupPool) and engine.vae_pool.size == 1
+    (vae_group,) = engine.vae_pool.groups
+    table = ray.util.placement_group_table(vae_group.placement_group)
+    assert table["strategy"] == "STRICT_PACK" and list(table["bundles"].values()) == [{"CPU": 0.5}] * 2
+
+    still = {**SMALL, "height": 48, "width": 32, "num_frames": 1}  # 6 latent rows: a strip of 3 per VAE rank
+    record = run(engine.generate(still, timeout_s=120))
+    assert record.status == "succeeded", record.error
+    assert record.result_path.endswith(".png")
+    got = read_video(record.result_path)
+    expected = Pipeline.from_pretrained(tiny_model).generate(still).frames
+    assert got.shape == expected.shape == (1, 48, 32, 3)
+    diff = np.abs(got.astype(np.int16) - expected.astype(np.int16))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99, (diff.max(), (diff == 0).mean())
+    sidecar = json.loads(Path(record.sidecar_path).read_text())
+    assert (sidecar["frames"], sidecar["height"], sidecar["width"], sidecar["output"]) == (1, 48, 32,
+                                                                                         record.result_path)
+
+    clip = run(engine.generate({**SMALL, "height": 48}, timeout_s=120))  # 5 frames -> mp4
+    assert clip.status == "succeeded", clip.error
+    assert read_video(clip.result_path).shape == (5, 48, 32, 3)
+
+
+def test_decode_errors_pass_through_the_group_pool(parallel_engine: StageEngine, tmp_path: Path,
+                                                   run: Callable[[Awaitable[Any]], Any]) -> None:
+    engine = parallel_engine
+    (group,) = engine.vae_pool.groups
+    latents = np.zeros((16, 2, 4, 4), np.float32)  # 5 frames cannot go into a png (rank 0 raises after the decode)
+    with pytest.raises(ValueError, match="png holds one frame") as caught:
+        run(engine.vae_pool.call("decode", latents, str(tmp_path / "bad.png"), 16, {}))
+    assert not isinstance(caught.value, StageActorDied)
+    assert group.running and engine.vae_pool.idle == 1
+
+
+def test_killed_vae_rank_raises_then_its_group_is_rebuilt(
+        parallel_engine: StageEngine, tmp_path: Path, run: Callable[[Awaitable[Any]], Any],
+        wait_until_dead: Callable[..., None]) -> None:
+    import ray
+
+    engine = parallel_engine
+    (group,) = engine.vae_pool.groups
+    old_ranks = group.ranks
+    ray.kill(old_ranks[1])
+    wait_until_dead(old_ranks[1])
+
+    latents = np.zeros((16, 1, 4, 4), np.float32)
+    with pytest.raises(StageActorDied) as caught:
+        run(asyncio.wait_for(engine.vae_pool.call("decode", latents, str(tmp_path / "x.png"), 16, {}), 30))
+    assert caught.value.stage == "decode" and "rank actor 1 of VAE group 0" in caught.value.detail
+    wait_until_dead(old_ranks[0])  # the survivor was killed, not left waiting in gloo
+
+    # the next job's decode waits for the rebuilt group and succeeds on it
+    record = run(engine.generate(SMALL, timeout_s=120))
+    assert record.status == "succeeded" and record.attempts == 0, record.error
+    assert group.running and all(new != old for new, old in zip(group.ranks, old_ranks))
 
 
 def test_killed_dit_rank_is_retried_and_the_next_job_succeeds(

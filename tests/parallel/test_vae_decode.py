@@ -2,13 +2,15 @@
 
 A tiny random Wan VAE (base_dim 16, every parameter random, fp32) and latents of 7 x 6 rows x columns,
 so the strips are uneven (4+3 and 3+2+2) and 3 latent frames exercise the causal cache across
-chunks. One spawn per world size runs every check that needs a process group.
+chunks. One spawn per world size runs every check that needs a process group, including the
+fallback of `DecodeStage.run(parallel=True)` (the call the VAE rank actors make) for too few rows.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from models.wan.config import WanVAEConfig
 from models.wan.vae import WanVAE
 from parallel.launch import run_local
 from parallel.vae_decode import decode_patch_parallel, strip_rows
+from stages.decode import DecodeStage, to_uint8_frames
 
 CONFIG = WanVAEConfig(base_dim=16)
 LATENTS = (1, 16, 3, 7, 6)  # (B, z, T, H', W'): 9 frames of 56 x 48 pixels
@@ -53,6 +56,8 @@ def _rank_checks(rank: int, world_size: int) -> dict[str, Any]:
         decode_patch_parallel(vae, z[..., :world_size - 1, :])
     except ValueError as exc:
         result["error"] = str(exc)
+    # The stage (what the VAE rank actors call) with too few rows to split; its split path runs in test_engine.
+    result["frames_few_rows"] = DecodeStage(vae).run(z[0, ..., :world_size - 1, :], parallel=True)
     return result
 
 
@@ -81,6 +86,13 @@ def test_strips_reassemble_to_the_single_rank_decode(world_size: int, single: to
         message = result["error"]
         assert f"{world_size - 1} latent rows over {world_size} ranks" in message
         assert f"use at most {world_size - 1} ranks" in message
+
+    # DecodeStage.run(parallel=True) decodes a frame with fewer latent rows than ranks whole on every rank
+    # instead of failing (uint8 rounding may flip where the thread count changes the float sums).
+    few_rows = to_uint8_frames(_vae().decode(_latents()[..., :world_size - 1, :])[0]).astype(np.int16)
+    for rank, result in enumerate(results):
+        assert result["frames_few_rows"].shape == (9, 8 * (world_size - 1), 48, 3), f"rank {rank}"
+        assert np.abs(result["frames_few_rows"] - few_rows).max() <= 1, f"rank {rank}"
 
 
 def test_strip_rows_are_near_equal_and_cover_the_height() -> None:
