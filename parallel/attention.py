@@ -43,7 +43,12 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
         out, lse, _ = flash_attn_func(cast(q), cast(k), cast(v), return_attn_probs=True)
         return out.to(dtype), lse.transpose(1, 2).float()
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if q.is_cuda:
+    if q.is_cuda and q.dtype == torch.float32:
+        # The CUDA flash kernel takes only fp16/bf16: exact fp32 by the definition (memory S_q x S_k).
+        scores = (qt @ kt.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        lse = torch.logsumexp(scores, dim=-1)
+        out = torch.softmax(scores, dim=-1) @ vt
+    elif q.is_cuda:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
     else:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt)

@@ -146,3 +146,22 @@ def test_auto_layout_is_valid_and_prefers_cfg_then_ulysses(world: int, heads: in
     layout = auto_layout(world, heads, guided)
     assert layout == expected
     layout.validate(world, heads, guided)
+
+
+# ---- kernels (no processes) -------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_log_sum_exp_merge_of_key_blocks_equals_full_attention(dtype: torch.dtype, tol: float) -> None:
+    """What one ring rank computes: attention over key blocks merged by log-sum-exp = attention over all keys."""
+    from parallel.attention import attention_with_lse, merge_lse
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 3, 16, generator=generator).to(dtype) for n in (11, 13, 13))
+    full = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2).float() for t in (q, k, v)))
+    out, lse = attention_with_lse(q, k[:, :5], v[:, :5])
+    out = out.float()
+    for start, stop in ((5, 9), (9, 13)):
+        out, lse = merge_lse(out, lse, *attention_with_lse(q, k[:, start:stop], v[:, start:stop]))
+    assert (out - full.transpose(1, 2)).abs().max() < tol
+    scores = torch.einsum("blhd,bmhd->bhlm", q.float(), k.float()) / 4.0
+    assert (lse - torch.logsumexp(scores, -1).transpose(1, 2)).abs().max() < tol * 10
