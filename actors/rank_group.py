@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import time
 from datetime import timedelta
 from typing import Any
@@ -42,18 +41,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.errors import StageActorDied, StageStartError, first_line, is_actor_death
 from actors.pool import bundle_resources, kill_quietly, reserve_placement_group
+from parallel.launch import free_port
 
 logger = logging.getLogger(__name__)
 
 HEALTH_GROUP = "health"
 """Concurrency group of `ping`, so a health check is answered while a long call is running."""
 GPU_RANK_ENV = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
 
 
 def rank_cuda_device() -> str:
@@ -100,7 +94,7 @@ class RankActor:
 
     def address(self) -> tuple[str, int]:
         """This node's IP and a free port: rank 0's answer is the group's rendezvous address."""
-        return ray.util.get_node_ip_address(), free_port()
+        return ray.util.get_node_ip_address(), free_port(host="")
 
     def init_process_group(self, url: str, backend: str, timeout_s: float) -> None:
         """Join the group (blocks until every rank has joined), check it with one all_reduce, then

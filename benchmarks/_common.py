@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import socket
 import statistics
 import sys
 from dataclasses import dataclass
@@ -63,11 +62,6 @@ def write_tiny_model(folder: Path) -> str:
 
     return str(write_random_checkpoint(folder / "wan-tiny"))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def loadavg() -> list[float]:

@@ -36,7 +36,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (RESULTS, STAGES, Size, command, free_port, loadavg, machine, median,  # noqa: E402
+from parallel.launch import free_port  # noqa: E402
+from benchmarks._common import (RESULTS, STAGES, Size, command, loadavg, machine, median,  # noqa: E402
                                 ms, parse_sizes, probe_job_store_update_ms, probe_ray_call_ms, table,
                                 write_tiny_model)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,17 +18,13 @@ import httpx
 import numpy as np
 import pytest
 
+from parallel.launch import free_port
+
 pytestmark = pytest.mark.slow
 
 APP = "smartdiff-test"
 SMALL = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 3, "seed": 1}
 LONG = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 200, "seed": 2}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +35,7 @@ def service(ray_cluster: None, tiny_model: str, tmp_path_factory: pytest.TempPat
     from serve_app import build_app
 
     work = tmp_path_factory.mktemp("service")
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = ServiceConfig.load(overrides={
         "model": tiny_model, "job_store": str(work / "jobs.sqlite"), "output_dir": str(work / "out"),

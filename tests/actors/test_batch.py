@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from typing import Iterator
 import pytest
 
 from actors.batch import read_items
+from parallel.launch import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -33,22 +33,16 @@ def test_read_items_keys_and_bad_lines(tmp_path: Path) -> None:
     assert read_items(path)[3].key == items[3].key, "keys must be stable across runs"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A separate local Ray cluster started as a user would, stopped by its own temp dir's processes."""
     temp = tmp_path_factory.mktemp("raytmp")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    dashboard = _free_port()
+    dashboard = free_port()
     # Every port explicit: a default one (e.g. the agent's 52365) may be held by another Ray on this machine,
     # and the job agent then never comes up ("No available agent to submit job").
-    ports = [f"--{name}={_free_port()}" for name in (
+    ports = [f"--{name}={free_port()}" for name in (
         "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
         "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
     subprocess.run([RAY, "start", "--head", *ports, "--num-cpus=6", "--include-dashboard=true",
