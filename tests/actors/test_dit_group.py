@@ -37,7 +37,7 @@ def request_data(tiny_model: str) -> tuple[ResolvedParams, np.ndarray, np.ndarra
 
 
 def _config(world_size: int, **degrees: int) -> ServiceConfig:
-    return ServiceConfig(device="cpu", dit=DiTConfig(world_size=world_size, num_cpus=0.5, init_timeout_s=60,
+    return ServiceConfig(device="cpu", dit=DiTConfig(world_size=world_size, num_cpus=0.5, init_timeout_s=240,
                                                      **degrees))
 
 
@@ -129,12 +129,12 @@ def test_chunk_check_catches_ranks_that_disagree(groups: dict[str, DiTGroup], re
     uneven = [rank0.run_steps.remote("job-d", 1), rank1.run_steps.remote("job-d", 2)]
     for ref in uneven:
         with pytest.raises(RuntimeError, match=r"ranks disagree at the start of the chunk \(steps 1..2\)"):
-            ray.get(ref, timeout=30)
+            ray.get(ref, timeout=120)
     one_fails = [rank0.run_steps.remote("no-such-job", 1), rank1.run_steps.remote("job-d", 1)]
     with pytest.raises(KeyError, match="unknown job 'no-such-job'"):
-        ray.get(one_fails[0], timeout=30)
+        ray.get(one_fails[0], timeout=120)
     with pytest.raises(RuntimeError, match="another rank failed at the start of the chunk"):
-        ray.get(one_fails[1], timeout=30)
+        ray.get(one_fails[1], timeout=120)
     run(group.drop("job-d"))
 
 
