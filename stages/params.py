@@ -28,18 +28,12 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from models.wan.config import SamplingDefaults
+# Wan's default negative prompt lives with the model configs (the tiny model trains its unconditional branch on it).
+from models.wan.config import WAN_DEFAULT_NEGATIVE_PROMPT, SamplingDefaults
 from stages.samplers import SAMPLER_NAMES, SamplerName
 
 logger = logging.getLogger(__name__)
 
-# Wan's default negative prompt (`sample_neg_prompt` in the release configs, wan.md §6.1).
-# Wan uses it whenever the user's negative prompt is empty; diffusers' WanPipeline does not.
-WAN_DEFAULT_NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
-    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
-    "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
-)
 
 MAX_PROMPT_CHARS = 2000
 # Pixels: the VAE downsamples 8x and the DiT patches 2x2, so sizes step by 16.

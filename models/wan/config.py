@@ -147,6 +147,15 @@ class WanVAEConfig:
         return 2 ** (len(self.dim_mult) - 1)
 
 
+# Wan's default negative prompt (`sample_neg_prompt` in the release configs, wan.md §6.1). Wan uses it
+# whenever the user's negative prompt is empty; diffusers' WanPipeline does not.
+WAN_DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
+    "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
 @dataclass(frozen=True)
 class SamplingDefaults:
     """What a request gets for every field it leaves empty (user params, per model)."""
@@ -183,8 +192,11 @@ class WanPreset:
 
 WAN21_T2V_1_3B = WanDiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
 WAN21_T2V_14B = WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
-# Tiny shape for tests and the embedded default: exercises all three RoPE axes (head_dim 32 -> pairs 6/5/5).
+# Tiny shape for tests (seeded random weights): exercises all three RoPE axes (head_dim 32 -> pairs 6/5/5).
 WAN_TINY = WanDiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32, text_dim=64, text_len=32)
+# The embedded default model, trained on the synthetic shapes task (models/wan/tiny): head_dim 32 as well.
+WAN_TINY_SHAPES = WanDiTConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=4, freq_dim=64, text_dim=64,
+                               text_len=32)
 
 PRESETS: dict[str, WanPreset] = {
     p.name: p
@@ -203,6 +215,13 @@ PRESETS: dict[str, WanPreset] = {
             "wan-tiny",
             WAN_TINY,
             defaults=SamplingDefaults(height=64, width=64, num_frames=17, num_inference_steps=20, guidance_scale=5.0,
+                                      shift=3.0),
+        ),
+        # Chosen with benchmarks/tiny_accuracy.py (see README, "The embedded default model").
+        WanPreset(
+            "wan-tiny-shapes",
+            WAN_TINY_SHAPES,
+            defaults=SamplingDefaults(height=64, width=64, num_frames=17, num_inference_steps=20, guidance_scale=4.0,
                                       shift=3.0),
         ),
     )

@@ -1,10 +1,16 @@
 """The embedded default model: what runs when no checkpoint is named.
 
-Real Wan weights cannot be downloaded on the machines this project is built on, so the default
-is a tiny Wan (the `wan-tiny` preset: same classes, tiny widths) written in the exact original
-release layout and loaded through the same loader as the real checkpoints. Until a trained tiny
-model ships with the project, its weights are seeded random numbers, created on first use in the
-user's cache folder; the output is therefore noise, but every code path is the real one.
+Real Wan weights cannot be downloaded on the machines this project is built on, so the default is
+`wan-tiny-shapes`: a tiny Wan (same classes as Wan2.1: WanTransformer, WanVAE, the umT5 encoder, at
+tiny widths) trained on a synthetic text-to-video task (`models.wan.tiny.shapes`: coloured circles,
+squares and triangles moving on a white background) by the recipe in `models.wan.tiny.train`. It ships
+inside the package (`models/wan/tiny/wan-tiny-shapes/`, about 15 MB) in the exact original release
+layout and loads through the same loader as the real checkpoints.
+
+`wan-tiny` names a second, untrained model: the same tiny layout with seeded random weights (the
+`wan-tiny` preset), written on first use to the user's cache. Its output is noise; tests and plumbing
+benchmarks use it (through `write_random_checkpoint`) because it is smaller and its weights are
+arbitrary on purpose.
 """
 
 from __future__ import annotations
@@ -28,9 +34,12 @@ from models.wan.vae import WanVAE
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "wan-tiny"
-# Bump when the generated checkpoint changes, so stale caches are not reused.
-_DEFAULT_MODEL_VERSION = "random-v1"
+DEFAULT_MODEL_NAME = "wan-tiny-shapes"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "tiny" / DEFAULT_MODEL_NAME
+"""The shipped checkpoint of the default model (written by `python -m models.wan.tiny.train`)."""
+RANDOM_MODEL_NAME = "wan-tiny"
+# Bump when the generated random checkpoint changes, so stale caches are not reused.
+_RANDOM_MODEL_VERSION = "random-v1"
 
 TINY_VAE = WanVAEConfig(base_dim=16)
 # Words of the synthetic shapes task the tiny model is meant for; other words map to <unk>.
@@ -103,13 +112,24 @@ def _write_model_index(root: Path, num_experts: int) -> None:
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def ensure_default_model(cache_root: Path | None = None) -> Path:
-    """The default model's folder, created once (atomically, so concurrent first runs are safe)."""
-    target = (cache_root or _cache_root()) / f"{DEFAULT_MODEL_NAME}-{_DEFAULT_MODEL_VERSION}"
+def default_model_path() -> Path:
+    """The shipped default model's folder; a clear error when the installation lacks its files."""
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the embedded default model {DEFAULT_MODEL_NAME!r} is missing from {DEFAULT_MODEL_DIR}; reinstall the "
+            f"package (its data files hold the model) or rebuild it with `python -m models.wan.tiny.train --out "
+            f"{DEFAULT_MODEL_DIR}`"
+        )
+    return DEFAULT_MODEL_DIR
+
+
+def ensure_random_model(cache_root: Path | None = None) -> Path:
+    """The random-weight `wan-tiny` model's folder, created once (atomically, so concurrent first runs are safe)."""
+    target = (cache_root or _cache_root()) / f"{RANDOM_MODEL_NAME}-{_RANDOM_MODEL_VERSION}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("creating the embedded default model in %s", target)
+    logger.info("creating the random-weight %s model in %s", RANDOM_MODEL_NAME, target)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
     try:
         with torch.random.fork_rng():
@@ -125,15 +145,19 @@ def ensure_default_model(cache_root: Path | None = None) -> Path:
 
 
 def resolve_model_path(path_or_name: str | Path | None) -> Path:
-    """A checkpoint folder for a path, or for the default model's name (or None)."""
+    """A checkpoint folder for a path, or for a bundled model's name: None or `wan-tiny-shapes` (the trained
+    default, shipped with the package), `wan-tiny` (random weights, created in the user's cache)."""
     if path_or_name is None or str(path_or_name) == DEFAULT_MODEL_NAME:
-        return ensure_default_model()
+        return default_model_path()
+    if str(path_or_name) == RANDOM_MODEL_NAME:
+        return ensure_random_model()
     path = Path(path_or_name).expanduser()
     if path.exists():
         return path
+    bundled = f"{DEFAULT_MODEL_NAME!r} or {RANDOM_MODEL_NAME!r}"
     if str(path_or_name) in PRESETS:
         raise ValueError(
             f"{path_or_name!r} names a model whose weights must be downloaded first; pass the checkpoint "
-            f"folder (original Wan release or *-Diffusers layout) instead, or {DEFAULT_MODEL_NAME!r}"
+            f"folder (original Wan release or *-Diffusers layout) instead, or {bundled}"
         )
-    raise ValueError(f"model {str(path_or_name)!r} is neither a folder nor {DEFAULT_MODEL_NAME!r}")
+    raise ValueError(f"model {str(path_or_name)!r} is neither a folder nor {bundled}")

@@ -16,9 +16,9 @@ MLP's first GEMM carries the tanh-GELU in its oneDNN epilogue and bf16 GEMMs tak
 epilogue; RoPE is a real cos/sin table, cached per grid, applied as one complex product with the q/k
 RMSNorm scale folded in; RMSNorm takes its scale from one L2-norm pass; the adaLN modulation is the affine
 part of the LayerNorm. Measured and dropped on CPU: fusing q/k/v into one GEMM, (B, H, L, D)-contiguous
-attention inputs, token-chunked FFN. This module is inference-only: with autograd recording, the GEMMs
-fall back to F.linear so the forward runs, but no backward is promised (the residual stream is updated
-in place).
+attention inputs, token-chunked FFN. With autograd recording (training, e.g. `models.wan.tiny.train`), the
+GEMMs fall back to F.linear and the residual stream is updated out of place, so the backward runs; the
+values are the same as on the inference path.
 
 Block protocol, for feature caches and context parallelism that must not edit this file:
 `state = model.prepare(x, t, context)`, then `h = block(h, state.e0, state.context, state.rope)`
@@ -164,6 +164,8 @@ def _norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
     """
     if x.shape[0] == 1:
         return F.layer_norm(x, x.shape[-1:], 1 + scale[0, 0], shift[0, 0], eps).to(dtype)
+    if torch.is_grad_enabled():  # training: one batched LayerNorm (same math, other rounding), no per-sample loop
+        return (F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale) + shift).to(dtype)
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     for i in range(x.shape[0]):
         out[i] = F.layer_norm(x[i], x.shape[-1:], 1 + scale[i, 0], shift[i, 0], eps)
@@ -385,11 +387,16 @@ class WanBlock(nn.Module):
         x = torch.addcmul(x, self.self_attn(h, rope), gate_a)
         # 2. cross-attention on the affine LayerNorm (norm3), no gate
         h = F.layer_norm(x, x.shape[-1:], self.norm3.weight.float(), self.norm3.bias.float(), self.eps)
-        x += self.cross_attn(h.to(dtype), context)
+        # Inference updates the residual stream in place (x is this block's own tensor by now); with
+        # autograd recording, the LayerNorms above saved x for their backward, so the same sums are
+        # computed out of place (bit-identical values).
+        grad = torch.is_grad_enabled()
+        cross = self.cross_attn(h.to(dtype), context)
+        x = x + cross if grad else x.add_(cross)
         # 3. FFN, gated
         h = _norm_modulate(x, shift_f, scale_f, self.eps, dtype)
-        x.addcmul_(self.ffn[2](self.ffn[0](h, gelu=True)), gate_f)
-        return x
+        ffn = self.ffn[2](self.ffn[0](h, gelu=True))
+        return torch.addcmul(x, ffn, gate_f) if grad else x.addcmul_(ffn, gate_f)
 
 
 # ---------------------------------------------------------------------------------------------

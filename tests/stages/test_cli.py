@@ -1,4 +1,4 @@
-"""The `smartdiff generate` command on the embedded default model (created in a temporary HOME)."""
+"""The `smartdiff generate` command on the embedded default model (wan-tiny-shapes, shipped with the package)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from stages.media import read_video
 
 @pytest.fixture()
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private HOME so the default model is created fresh, never reusing the user's cache."""
+    """A private HOME: the user's cache is never read or written."""
     monkeypatch.setenv("HOME", str(tmp_path))
     return tmp_path
 
@@ -31,7 +31,7 @@ def test_generate_writes_mp4_and_sidecar(home: Path) -> None:
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["params"]["seed"] == 42 and record["params"]["num_inference_steps"] == 3
     assert record["params"]["negative_prompt"]  # Wan's default negative prompt is recorded
-    assert record["preset"] == "wan-tiny" and record["frames"] == 9
+    assert record["preset"] == "wan-tiny-shapes" and record["frames"] == 9
     assert set(record["timings_s"]) == {"text_encode", "denoise", "decode", "total"}
     assert record["memory"]["host_peak_rss_mb"] > 0
 
