@@ -18,7 +18,7 @@ RMSNorm scale folded in; RMSNorm takes its scale from one L2-norm pass; the adaL
 part of the LayerNorm. Measured and dropped on CPU: fusing q/k/v into one GEMM, (B, H, L, D)-contiguous
 attention inputs, token-chunked FFN. With autograd recording (training, e.g. `models.wan.tiny.train`), the
 GEMMs fall back to F.linear and the residual stream is updated out of place, so the backward runs; the
-values are the same as on the inference path.
+values equal the inference path's up to rounding (the batched adaLN LayerNorm rounds differently).
 
 Block protocol, for feature caches and context parallelism that must not edit this file:
 `state = model.prepare(x, t, context)`, then `h = block(h, state.e0, state.context, state.rope)`
