@@ -14,6 +14,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+DATA_DIR = "smartdiff-data"
+"""The service's default folder for its job store and results (relative to where it starts; git-ignored)."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -22,7 +26,9 @@ class PoolConfig(_Strict):
     """A pool of identical stage actors, all in one placement group (one bundle per actor)."""
 
     replicas: int = Field(1, ge=1, le=64, description="Number of actors in the pool.")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor (its placement-group bundle).")
+    num_cpus: float | None = Field(
+        None, ge=0, description="CPUs reserved per actor (its placement-group bundle). Unset: 1, or an equal share "
+                                "of the cluster's CPUs when it has fewer than one per stage actor (actors/resources.py).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor; 0 on CPU-only clusters.")
 
 
@@ -42,7 +48,8 @@ class DiTConfig(_Strict):
 
     groups: int = Field(1, ge=1, le=64, description="Independent DiT groups (data parallel across requests).")
     world_size: int = Field(1, ge=1, le=64, description="Rank actors per group (one torch.distributed group).")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rank.")
+    num_cpus: float | None = Field(None, ge=0, description="CPUs reserved per rank. Unset: 1, or an equal share of "
+                                                           "the cluster's CPUs (as for the other pools).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per rank (1 on GPU clusters).")
     chunk_steps: int = Field(1, ge=1, le=1000,
                              description="Denoising steps per dispatch: progress, cancellation and priorities "
@@ -77,8 +84,11 @@ class ServiceConfig(_Strict):
     dit: DiTConfig = DiTConfig()
     vae: VAEConfig = VAEConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
-    job_store: Path = Field(Path("smartdiff-jobs.sqlite"), description="SQLite file recording every accepted job.")
-    output_dir: Path = Field(Path("outputs"), description="Where results (mp4/png + JSON sidecar) are written.")
+    job_store: Path = Field(Path(DATA_DIR) / "jobs.sqlite",
+                            description="SQLite file recording every accepted job. A relative path is taken from the "
+                                        "folder the service (or batch run) was started in.")
+    output_dir: Path = Field(Path(DATA_DIR) / "outputs",
+                             description="Where results (mp4/png + JSON sidecar) are written; relative as job_store.")
     resume_unfinished: bool = Field(True, description="On start-up, re-queue jobs a previous run accepted but did "
                                                       "not finish (False: mark them failed with the reason).")
 

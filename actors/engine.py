@@ -25,6 +25,7 @@ from actors.dit_group import DiTGroup
 from actors.errors import StageActorDied
 from actors.job_store import TERMINAL_STATUSES, JobRecord, JobStore
 from actors.pool import GroupPool, StagePool
+from actors.resources import ClusterResources, check_fits, fit_to_cluster, placement_plan
 from actors.scheduler import QueueFull, StageScheduler
 from actors.stage_actors import TextEncoderActor, VAEDecoderActor
 from actors.vae_group import VAEGroup
@@ -81,7 +82,11 @@ class StageEngine:
 
     def __init__(self, cfg: ServiceConfig, store: JobStore | None = None,
                  metrics: EngineMetrics | None = None) -> None:
-        self.cfg = cfg
+        """Unset num_cpus are fitted to the running Ray cluster, and a configuration that cannot fit it
+        raises ResourcesDoNotFit here, before anything is reserved (actors/resources.py)."""
+        cluster = ClusterResources.current()
+        self.cfg = cfg = fit_to_cluster(cfg, cluster)
+        check_fits(placement_plan(cfg), cluster)
         self.model_path = resolve_model_path(cfg.model)
         self.checkpoint = WanCheckpoint.resolve(self.model_path)
         self.preset = self.checkpoint.preset

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 
 from actors.batch import read_items
 from parallel.launch import free_port
+from tests.local_cluster import stop_processes_naming
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -35,7 +35,8 @@ def test_read_items_keys_and_bad_lines(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def head_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A separate local Ray cluster started as a user would, stopped by its own temp dir's processes."""
+    """A separate local Ray cluster started as a user would (`ray start --head`: Ray's default resources, as
+    many CPUs as the machine has cores), stopped by its own temp dir's processes."""
     temp = tmp_path_factory.mktemp("raytmp")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
@@ -45,33 +46,15 @@ def head_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     ports = [f"--{name}={free_port()}" for name in (
         "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
         "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
-    subprocess.run([RAY, "start", "--head", *ports, "--num-cpus=6", "--include-dashboard=true",
+    subprocess.run([RAY, "start", "--head", *ports, "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
                     "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
     env["RAY_API_SERVER_ADDRESS"] = env["RAY_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
     try:
         yield env
     finally:
-        _stop_cluster(temp)
+        stop_processes_naming(temp)
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def _stop_cluster(temp: Path) -> None:
-    """Kill only this cluster's processes (their command lines name its temp dir): `ray stop` would
-    also stop the test session's own Ray."""
-    me = os.getpid()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == me:
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(temp) in cmdline:
-            try:
-                os.kill(int(proc.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def _submit(env: dict[str, str], args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -98,8 +81,7 @@ def test_ray_job_submit_batch_and_resume(head_node: dict[str, str], tiny_model: 
         "this line is not json",
     ]) + "\n")
     out = tmp_path / "out"
-    args = ["--input", str(prompts), "--output", str(out), "--set", f"model={tiny_model}", "--quiet",
-            "--set", "text_encoder.num_cpus=0.5", "--set", "vae.num_cpus=0.5", "--set", "dit.num_cpus=0.5"]
+    args = ["--input", str(prompts), "--output", str(out), "--set", f"model={tiny_model}", "--quiet"]
 
     first = _submit(head_node, args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
