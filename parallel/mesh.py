@@ -7,16 +7,19 @@ crosses Ulysses groups, and the two CFG halves are [0, world/2) and [world/2, wo
     rank = (cfg_index * ring_degree + ring_index) * ulysses_degree + ulysses_index
 
 `ParallelLayout` is plain data with the start-up checks and the automatic choice; `ParallelMesh`
-creates the torch.distributed sub-groups of a layout over an existing process group.
+creates the torch.distributed sub-groups of a layout over an existing process group. torch is
+imported only by `ParallelMesh.build`, so the engine can validate a layout before any rank starts
+without loading torch.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +164,8 @@ class ParallelMesh:
         Collective: every process of the default group must call it with the same arguments (that is
         how torch.distributed creates groups); processes outside `ranks` get None.
         """
+        import torch.distributed as dist
+
         members = list(range(dist.get_world_size())) if ranks is None else list(ranks)
         if len(members) != layout.world_size:
             raise LayoutError(f"layout {layout} needs {layout.world_size} ranks, got {len(members)}")

@@ -30,7 +30,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 # Wan's default negative prompt lives with the model configs (the tiny model trains its unconditional branch on it).
 from models.wan.config import WAN_DEFAULT_NEGATIVE_PROMPT, SamplingDefaults
-from stages.samplers import SAMPLER_NAMES, SamplerName
+from stages.sampler_names import SAMPLER_NAMES, SamplerName
 
 logger = logging.getLogger(__name__)
 

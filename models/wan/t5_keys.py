@@ -13,7 +13,7 @@ from typing import Mapping, TypeVar
 
 from transformers import UMT5Config
 
-from models.loading import CheckpointError
+from models.errors import CheckpointError
 
 V = TypeVar("V")
 

@@ -32,7 +32,7 @@ from models.loading import (
     StateDict,
     load_safetensors_dir,
     load_strict,
-    load_torch_file,
+    load_weights_file,
     meta_device,
     save_safetensors_sharded,
 )
@@ -537,14 +537,15 @@ class WanVAE(nn.Module):
                         device: torch.device | str = "cpu") -> "WanVAE":
         """Load an original `Wan2.1_VAE.pth` (file, or a folder holding one) or a diffusers `vae/` folder.
 
-        The original file carries no config, so the shape is read off its tensors; the diffusers
+        The file may also be the same state dict as `.safetensors` (e.g. converted from an untrusted `.pth`,
+        which is refused). The original file carries no config, so the shape is read off its tensors; the diffusers
         folder's `config.json` is read. Every missing, unexpected or mis-shaped key is an error.
         """
         path = Path(path)
         if path.is_dir() and (path / ORIGINAL_FILENAME).is_file():
             path = path / ORIGINAL_FILENAME
         if path.is_file():
-            sd = load_torch_file(path)
+            sd = load_weights_file(path)
             config = infer_config_from_original(sd, source=str(path))
             source = str(path)
         elif path.is_dir() and (path / "config.json").is_file():
