@@ -1,6 +1,6 @@
 """The parallel layout of one DiT group: cfg_degree x ring_degree x ulysses_degree ranks.
 
-Rank order puts Ulysses innermost and CFG outermost (acceleration.md §2.3, §2.5): the Ulysses
+Rank order puts Ulysses innermost and CFG outermost (docs/design.md, "Context parallelism"): the Ulysses
 all-to-alls, the heaviest traffic, stay between neighbouring ranks (one NVLink island), the ring
 crosses Ulysses groups, and the two CFG halves are [0, world/2) and [world/2, world):
 
@@ -102,7 +102,7 @@ def describe(layout: ParallelLayout) -> str:
 
 
 def auto_layout(world_size: int, num_heads: int, guided: bool, max_ulysses: int = MAX_AUTO_ULYSSES) -> ParallelLayout:
-    """The published preference (acceleration.md §2.5, §2.7): CFG parallel first (near-ideal, least
+    """The order published scaling results favour (docs/design.md): CFG parallel first (near-ideal, least
     traffic), then the largest Ulysses degree that divides both the rest and the head count (at most
     `max_ulysses`, one NVLink island), and Ring for whatever remains.
     """

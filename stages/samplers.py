@@ -1,4 +1,4 @@
-"""Flow-matching samplers behind one small interface (wan.md §6.3).
+"""Flow-matching samplers behind one small interface (Wan's schedules: docs/wan-model.md, "Sampling").
 
 The DiT predicts a velocity v = dx/dsigma along x_sigma = (1 - sigma) * x0 + sigma * noise, so
 x0 = x - sigma * v. A sampler owns the sigma schedule, the integer timesteps the DiT sees, and
