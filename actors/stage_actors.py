@@ -32,10 +32,10 @@ DTYPE_NAMES = ("auto", "fp32", "bf16")
 
 
 def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
-    """ServiceConfig.dtype -> torch dtype: "auto" is bf16 on CUDA and fp32 on CPU (stages.pipeline.default_dtype)."""
+    """ServiceConfig.dtype -> torch dtype: "auto" is bf16 on CUDA and fp32 on CPU (stages.devices.default_dtype)."""
     import torch
 
-    from stages.pipeline import default_dtype
+    from stages.devices import default_dtype
 
     if dtype == "auto":
         return default_dtype(device)
