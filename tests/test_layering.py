@@ -76,7 +76,7 @@ def _assert_not_loaded(code: str, forbidden: tuple[str, ...], must_load: tuple[s
 
 # ---- the ingress and the engine: neither torch nor transformers -------------------------------------------
 
-@pytest.mark.parametrize("module", ["serve_app", "actors.engine", "actors.batch", "stages.params", "models.wan"])
+@pytest.mark.parametrize("module", ["serve_app", "actors.engine", "actors.batch", "stages.params"])
 def test_light_modules_import_neither_torch_nor_transformers(module: str) -> None:
     _assert_not_loaded(f"import {module}", ("torch", "transformers"))
 
