@@ -74,7 +74,7 @@ class SchedulerConfig(_Strict):
 
 
 class ServiceConfig(_Strict):
-    """Everything the operator fixes at start-up (ARCHITECTURE.md: system params)."""
+    """Everything the operator fixes at start-up: the system params (docs/design.md, "Three kinds of parameters")."""
 
     model: str | None = Field(None, description="Checkpoint folder (original or diffusers layout); "
                                                 "None = the embedded default model.")

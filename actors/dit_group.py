@@ -1,4 +1,4 @@
-"""The DiT rank group: `world_size` rank actors forming one torch.distributed group (ray.md §2).
+"""The DiT rank group: `world_size` rank actors forming one torch.distributed group.
 
 Each rank loads the denoiser in its own process and keeps the per-request `DenoiseJob`s
 (latents + sampler history) in memory, so between chunks only ids and step counts travel;
@@ -11,7 +11,7 @@ in milliseconds with the reason, not after minutes of weight loading), and every
 `ParallelMesh` once the process group exists. Every rank ends each step with the same full latents
 (parallel.dit), so any rank could return them; rank 0 does. At the end of each chunk
 the ranks run ONE small all_reduce that checks they stand at the same step and that none failed
-(STYLE habit 10: group checks at chunk boundaries, never a per-step barrier). Every rank enters
+(group checks at chunk boundaries, never a per-step barrier). Every rank enters
 that collective even when its own chunk raised, so a Python error never strands the others in it.
 
 The generic group machinery (placement group, rendezvous, init on all ranks at once, ping in

@@ -6,7 +6,7 @@ lock serves all threads and asyncio tasks of one process: every call is a short 
 WAL mode lets readers (status polls) proceed while a writer commits; `synchronous=FULL`
 makes a committed row survive a power cut, which is cheap at one write per chunk.
 
-Stdlib only: the store must import neither torch nor ray (see STYLE.md habit 4).
+Stdlib only: the store must import neither torch nor ray (tests/test_layering.py pins it).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A rank group: N rank actors that form one torch.distributed group, driven from asyncio (ray.md §2).
+"""A rank group: N rank actors that form one torch.distributed group, driven from asyncio.
 
 The generic half of the DiT group (dit_group.py) and of the patch-parallel VAE group
 (vae_group.py). `RankGroup` reserves one STRICT_PACK placement group (one bundle per rank),
@@ -11,13 +11,14 @@ milliseconds) and its own job methods, which fan one call out to every rank thro
 start-up with a one-all_reduce check, device binding, `ping` and `group_info`; a subclass builds
 what needs the group (a DiT's `ParallelMesh`) in `on_group_ready`.
 
-Failure is group-wide (ARCHITECTURE.md): a dead rank cannot rejoin a process group, and the
+Failure is group-wide (docs/design.md, "Rank groups"): a dead rank cannot rejoin a process group, and the
 survivors would block in their next collective until its timeout, so any rank death kills the
 whole group, marks it broken and raises `StageActorDied(stage, ...)`; `restart()` rebuilds it.
 `ping` runs in its own concurrency group, so a health check is answered while a long call runs.
 
-GPU ranks: Ray normally masks CUDA_VISIBLE_DEVICES to the rank's own GPU, which keeps NCCL off
-NVLink/P2P on some systems (ray.md §2.3). We use fix B: ranks run with
+GPU ranks: Ray normally masks CUDA_VISIBLE_DEVICES to the rank's own GPU; that per-process masking has
+been reported to keep NCCL off NVLink/P2P and to slow down or hang collectives on some systems
+(docs/design.md, "Rank groups"). So ranks run with
 RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1, see every GPU of the node, and bind
 `cuda:<id Ray assigned>` (get_accelerator_ids) in every method, since Ray may run methods on
 a thread other than the constructor's and the current CUDA device is per thread.
@@ -219,7 +220,7 @@ class RankGroup:
             await self._wait_loaded(timeout)
             host, port = await self._ranks[0].address.remote()
             url = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
-            # All ranks at once: init_process_group blocks until every rank has joined (ray.md §2.2).
+            # All ranks at once: init_process_group blocks until every rank has joined.
             refs = [r.init_process_group.remote(url, self.backend, timeout) for r in self._ranks]
             await asyncio.wait_for(self._gather(refs, "init_process_group"), timeout + 10)
         except asyncio.TimeoutError:

@@ -1,7 +1,7 @@
 """Stage scheduler policy: which job runs next in encode -> denoise -> decode (Difflow-style).
 
 Pure bookkeeping of job ids per stage, like vLLM's scheduler that deals in ids and counts
-(STYLE.md habit 4): no I/O, no asyncio, no threads, no torch or ray. The async engine owns one
+(tests/test_layering.py pins it): no I/O, no asyncio, no threads, no torch or ray. The async engine owns one
 instance, calls it from one event loop, and does the actor calls and the job-store writes.
 
 Each job is in exactly one place: queued in a stage or running in a stage. The engine moves it:

@@ -3,7 +3,8 @@ patch-parallel VAE ranks in vae_group.py).
 
 They are plain classes: `StagePool` applies `ray.remote` when it spawns them, and tests can
 build them in-process. Each loads only its own stage's weights. Only numpy arrays and small
-dicts cross the actor boundary (numpy is 3-5x cheaper than torch tensors through Ray, ray.md §5);
+dicts cross the actor boundary (numpy arrays cross Ray's object store 3-5x faster than torch tensors,
+measured: docs/design.md, "Data between actors");
 decoded pixels are written to the output store inside the decoder and never travel.
 
 torch and the stages are imported inside the methods so that the engine process, which
@@ -31,10 +32,10 @@ DTYPE_NAMES = ("auto", "fp32", "bf16")
 
 
 def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
-    """ServiceConfig.dtype -> torch dtype: "auto" is bf16 on CUDA and fp32 on CPU (stages.pipeline.default_dtype)."""
+    """ServiceConfig.dtype -> torch dtype: "auto" is bf16 on CUDA and fp32 on CPU (stages.devices.default_dtype)."""
     import torch
 
-    from stages.pipeline import default_dtype
+    from stages.devices import default_dtype
 
     if dtype == "auto":
         return default_dtype(device)

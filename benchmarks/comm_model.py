@@ -4,7 +4,7 @@ For Wan2.1 T2V-1.3B and -14B at 480p (32,760 tokens) and 720p (75,600 tokens), 8
 denoising step (one forward per CFG branch, all layers): the bytes each GPU sends, the compute time, the
 communication time and the resulting step time, speedup and efficiency of Ulysses, Ring, the USP hybrid and
 CFG-2 on top, on 2-64 GPUs; and it sets the prediction next to the published scaling numbers
-(shared/reference/acceleration.md §2.7).
+(`PUBLISHED` below, with their sources; docs/design.md, "Context parallelism", summarises them).
 
 Model (what `parallel/` does, per self-attention layer, P = u * r sequence-parallel ranks, ulysses innermost):
 - Ulysses (degree u): 4 all-to-alls (q, k, v before attention, output after); each rank sends (u-1)/u of its
@@ -114,7 +114,7 @@ HARDWARE = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Model shapes and videos (shared/reference/wan.md §1, §2.1)
+# Model shapes and videos (docs/wan-model.md, "Models")
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelShape:
@@ -158,7 +158,7 @@ V720 = Video("720p", 1280, 720, 81)
 
 
 def block_params(m: ModelShape) -> dict[str, int]:
-    """Parameters of one block, by part (wan.md §1)."""
+    """Parameters of one block, by part (Wan2.1's `WanAttentionBlock`)."""
     d, f = m.dim, m.ffn_dim
     return {"self_attn_qkvo": 4 * (d * d + d), "cross_attn_qkvo": 4 * (d * d + d), "qk_norms": 4 * d,
             "cross_norm": 2 * d, "ffn": 2 * d * f + f + d, "modulation": 6 * d}

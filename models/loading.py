@@ -1,7 +1,9 @@
 """Checkpoint I/O shared by all model families: safe file readers and one strict loader.
 
-Weights are never unpickled as arbitrary objects (`.pth` goes through `torch.load(weights_only=True)`)
-and never materialised twice: modules are built on the meta device and the loaded tensors are
+Weights are never unpickled as arbitrary objects: a `.pth` goes through `torch.load(weights_only=True)`,
+whose restricted unpickler accepts tensors, containers and plain numbers only, so a file that holds any
+other pickled object is refused (`UntrustedCheckpointError`) before that object is built. Weights are
+never materialised twice either: modules are built on the meta device and the loaded tensors are
 assigned in place (`load_state_dict(assign=True)`).
 """
 
@@ -10,12 +12,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, TypeVar
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
+
+from models.errors import CheckpointError, UntrustedCheckpointError
+
+__all__ = ["CheckpointError", "UntrustedCheckpointError", "check_keys", "load_safetensors_dir",
+           "load_safetensors_file", "load_strict", "load_torch_file", "load_weights_file",
+           "meta_device", "save_safetensors_sharded"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +36,14 @@ StateDict = dict[str, torch.Tensor]
 _MAX_LISTED = 10
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: names the keys and the file."""
+def _refused_object(exc: BaseException) -> str:
+    """What torch's weights-only unpickler refused, e.g. "posix.system", from its page-long message."""
+    text = str(exc)
+    named = re.search(r"GLOBAL\s+([\w.]+)", text)
+    if named:
+        return named.group(1)
+    lines = [line.strip().rstrip(".") for line in text.splitlines() if "nsupported" in line]
+    return lines[0] if lines else "an object it does not allow"
 
 
 def _listing(keys: list[str]) -> str:
@@ -36,12 +53,27 @@ def _listing(keys: list[str]) -> str:
 
 
 def load_torch_file(path: str | Path) -> StateDict:
-    """A `.pth` state dict, loaded with `weights_only=True` (no arbitrary unpickling)."""
+    """A `.pth` state dict, loaded with `weights_only=True` (no arbitrary unpickling).
+
+    Raises `UntrustedCheckpointError` when the file pickles anything but tensors (nothing in it runs),
+    `CheckpointError` when it is missing, unreadable or not a flat dict of tensors.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # mmap needs torch's zip format; files from torch < 1.6 (one plain pickle) are read whole.
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        # The weights-only unpickler stops at the first global it does not allow, before calling it.
+        raise UntrustedCheckpointError(
+            f"refused to load {path}: it is not a weights-only checkpoint; it pickles Python objects besides "
+            f"tensors (the first one refused: {_refused_object(exc)}), and unpickling those could run arbitrary "
+            f"code, so nothing in the file was run. Only weights are accepted: a dict of tensors saved "
+            f"with torch.save. If you trust the file, convert it to safetensors (safetensors.torch.save_file on "
+            f"its tensors, in a sandbox) and load the .safetensors file instead, or use the checkpoint's "
+            f"*-Diffusers release, which holds safetensors only."
+        ) from None
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
         raise CheckpointError(f"cannot read {path} as a weights-only torch checkpoint: {exc}") from exc
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
@@ -49,6 +81,12 @@ def load_torch_file(path: str | Path) -> StateDict:
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
     return dict(sd)
+
+
+def load_weights_file(path: str | Path) -> StateDict:
+    """A state dict from one file: `.safetensors` as such, anything else as a weights-only `.pth`."""
+    path = Path(path)
+    return load_safetensors_file(path) if path.suffix == ".safetensors" else load_torch_file(path)
 
 
 def load_safetensors_file(path: str | Path) -> StateDict:

@@ -1,6 +1,6 @@
 """Context-parallel self-attention: Ulysses all-to-all, Ring with log-sum-exp merge, and their hybrid.
 
-One implementation covers all three (acceleration.md §2.1-2.3): with ulysses_degree u and
+One implementation covers all three (docs/design.md, "Context parallelism"): with ulysses_degree u and
 ring_degree r, a rank holds S_pad/(u*r) tokens of every head;
 1. Ulysses (u > 1): q, k and v are all-to-all'ed inside the Ulysses group, so the rank holds the u
    neighbouring shards (one contiguous block of S_pad/r tokens) for H/u heads;

@@ -4,6 +4,9 @@ Used where no Ray DiT group exists: the CLI's multi-rank generate, the scaling b
 multi-process tests. Each rank is a fresh `spawn` process (CUDA and threads do not survive fork);
 results come back through a queue, and a failing rank fails the whole call with its traceback
 instead of leaving the others blocked in a collective (the survivors are terminated).
+
+torch is imported inside the functions that use it: the Ray rank groups import `free_port` from here in
+the engine process, which must not load torch.
 """
 
 from __future__ import annotations
@@ -17,10 +20,6 @@ import traceback
 from datetime import timedelta
 from typing import Any, Callable
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
 logger = logging.getLogger(__name__)
 
 
@@ -30,6 +29,8 @@ class RankFailed(RuntimeError):
 
 def default_backend() -> str:
     """NCCL when CUDA is available, gloo otherwise: the same code path runs on both."""
+    import torch
+
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
@@ -43,6 +44,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 def _rank_main(rank: int, world_size: int, url: str, backend: str, threads: int | None, timeout_s: float,
                results: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
     try:
+        import torch
+        import torch.distributed as dist
+
         if threads is not None:
             torch.set_num_threads(threads)
         if backend == "nccl":
@@ -68,6 +72,8 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, backend: str 
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
+    import torch.multiprocessing as mp
+
     backend = backend or default_backend()
     url = f"tcp://127.0.0.1:{free_port()}"
     ctx = mp.get_context("spawn")

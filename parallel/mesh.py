@@ -1,22 +1,25 @@
 """The parallel layout of one DiT group: cfg_degree x ring_degree x ulysses_degree ranks.
 
-Rank order puts Ulysses innermost and CFG outermost (acceleration.md §2.3, §2.5): the Ulysses
+Rank order puts Ulysses innermost and CFG outermost (docs/design.md, "Context parallelism"): the Ulysses
 all-to-alls, the heaviest traffic, stay between neighbouring ranks (one NVLink island), the ring
 crosses Ulysses groups, and the two CFG halves are [0, world/2) and [world/2, world):
 
     rank = (cfg_index * ring_degree + ring_index) * ulysses_degree + ulysses_index
 
 `ParallelLayout` is plain data with the start-up checks and the automatic choice; `ParallelMesh`
-creates the torch.distributed sub-groups of a layout over an existing process group.
+creates the torch.distributed sub-groups of a layout over an existing process group. torch is
+imported only by `ParallelMesh.build`, so the engine can validate a layout before any rank starts
+without loading torch.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ def describe(layout: ParallelLayout) -> str:
 
 
 def auto_layout(world_size: int, num_heads: int, guided: bool, max_ulysses: int = MAX_AUTO_ULYSSES) -> ParallelLayout:
-    """The published preference (acceleration.md §2.5, §2.7): CFG parallel first (near-ideal, least
+    """The order published scaling results favour (docs/design.md): CFG parallel first (near-ideal, least
     traffic), then the largest Ulysses degree that divides both the rest and the head count (at most
     `max_ulysses`, one NVLink island), and Ring for whatever remains.
     """
@@ -161,6 +164,8 @@ class ParallelMesh:
         Collective: every process of the default group must call it with the same arguments (that is
         how torch.distributed creates groups); processes outside `ranks` get None.
         """
+        import torch.distributed as dist
+
         members = list(range(dist.get_world_size())) if ranks is None else list(ranks)
         if len(members) != layout.world_size:
             raise LayoutError(f"layout {layout} needs {layout.world_size} ranks, got {len(members)}")

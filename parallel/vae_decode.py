@@ -1,6 +1,7 @@
 """Exact patch-parallel (strip-parallel) Wan-VAE decode: each rank decodes a horizontal strip of rows.
 
-acceleration.md §2.6. Tiling with a fixed halo is only approximate for the Wan VAE: the decoder's
+Tiling with a fixed halo is only approximate for the Wan VAE (published tiled decoders reach 30-50 dB PSNR
+against a single-rank decode): the decoder's
 mid-block attends over the whole frame and its stacked 3x3 convs see far beyond any small halo. So
 instead of overlapping tiles, every layer gets exactly what it would see in a single-rank decode:
 

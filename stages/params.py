@@ -1,6 +1,6 @@
 """User params: the one request schema, and its resolution against a model's defaults.
 
-`GenerationParams` is what an end user may set (ARCHITECTURE.md, "three kinds of parameters").
+`GenerationParams` is what an end user may set (docs/design.md, "Three kinds of parameters").
 Every field is optional except the prompt; an empty field means "this model's default", which
 `resolve` fills in from the preset's `SamplingDefaults`, drawing a seed when none was given, so
 the resolved record reproduces the run.
@@ -30,7 +30,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 # Wan's default negative prompt lives with the model configs (the tiny model trains its unconditional branch on it).
 from models.wan.config import WAN_DEFAULT_NEGATIVE_PROMPT, SamplingDefaults
-from stages.samplers import SAMPLER_NAMES, SamplerName
+from stages.sampler_names import SAMPLER_NAMES, SamplerName
 
 logger = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from models.wan.config import WanPreset
 from parallel.mesh import ParallelMesh
 from stages.decode import DecodeStage
 from stages.denoise import DenoiseStage, ProgressFn
+from stages.devices import default_dtype
 from stages.params import GenerationParams, ResolvedParams
 from stages.text_encode import TextEncodeStage
 
@@ -34,11 +35,6 @@ class GenerationResult:
     params: ResolvedParams
     timings: dict[str, float] = field(default_factory=dict)
     latents: torch.Tensor | None = None
-
-
-def default_dtype(device: str | torch.device) -> torch.dtype:
-    """bf16 on CUDA (as the official pipeline runs), fp32 on CPU (bf16 matmuls are slow there)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 class Pipeline:

@@ -1,4 +1,4 @@
-"""Flow-matching samplers behind one small interface (wan.md §6.3).
+"""Flow-matching samplers behind one small interface (Wan's schedules: docs/wan-model.md, "Sampling").
 
 The DiT predicts a velocity v = dx/dsigma along x_sigma = (1 - sigma) * x0 + sigma * noise, so
 x0 = x - sigma * v. A sampler owns the sigma schedule, the integer timesteps the DiT sees, and
@@ -25,16 +25,17 @@ shared between instances, so interleaved requests cannot disturb each other.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Literal, Protocol, get_args
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
-logger = logging.getLogger(__name__)
+from stages.sampler_names import DEFAULT_SAMPLER, SAMPLER_NAMES, SamplerName
 
-SamplerName = Literal["unipc", "euler", "dpm++"]
-SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
-DEFAULT_SAMPLER: SamplerName = "unipc"
+__all__ = ["DEFAULT_SAMPLER", "SAMPLER_NAMES", "DPMSolverSampler", "EulerSampler", "FlowSampler", "SamplerName",
+           "UniPCSampler", "dpm_sigmas", "make_sampler", "shift_sigmas", "unipc_sigmas"]
+
+logger = logging.getLogger(__name__)
 
 # Wan trains on 1000 discrete timesteps; t = sigma * 1000, truncated to int64.
 NUM_TRAIN_TIMESTEPS = 1000

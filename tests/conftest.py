@@ -16,7 +16,7 @@ T = TypeVar("T")
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
-    """A local Ray with more logical CPUs than cores (ray.md §10); actors ask for 0.5 CPU each."""
+    """A local Ray with more logical CPUs than cores (Ray allows it); actors ask for 0.5 CPU each."""
     import ray
 
     started = not ray.is_initialized()

@@ -7,8 +7,10 @@ Original release (Wan-AI/Wan2.1-T2V-*, Wan2.2-T2V-A14B):
 diffusers (Wan-AI/*-Diffusers):
     model_index.json, transformer/, transformer_2/ (A14B low-noise expert), vae/, text_encoder/, tokenizer/
 
-Resolving a folder only reads small JSON files; the weights are loaded by each component's
-`from_pretrained`, so every stage (and every Ray actor) loads only what it needs.
+Resolving a folder only reads small JSON files and checks which files exist; the weights are loaded by
+each component's `from_pretrained`, so every stage (and every Ray actor) loads only what it needs.
+This module imports neither torch nor transformers: the engine and the HTTP ingress resolve checkpoints
+and read presets with it, and they must stay light (tests/test_layering.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from models.loading import CheckpointError
+from models.errors import CheckpointError
 from models.wan.config import WanDiTConfig, WanPreset, match_preset
 
 ORIGINAL_VAE_FILE = "Wan2.1_VAE.pth"

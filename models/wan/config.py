@@ -1,6 +1,6 @@
 """Static model parameters of the Wan family: network configs and named presets.
 
-Model params are tied to the weights and never change per request (see ARCHITECTURE.md).
+Model params are tied to the weights and never change per request (docs/design.md, "Three kinds of parameters").
 A preset bundles the network configs with the sampling defaults the release recommends,
 so the request schema can leave a field empty and still get the model's own default.
 """
@@ -115,7 +115,7 @@ class WanDiTConfig:
         return out
 
 
-# Wan-VAE 2.1 latent normalisation (per channel), wan.md §5.4.
+# Wan-VAE 2.1 latent normalisation (per channel): encode returns (mu - mean) / std, decode undoes it.
 WAN21_LATENTS_MEAN: tuple[float, ...] = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
@@ -147,7 +147,7 @@ class WanVAEConfig:
         return 2 ** (len(self.dim_mult) - 1)
 
 
-# Wan's default negative prompt (`sample_neg_prompt` in the release configs, wan.md §6.1). Wan uses it
+# Wan's default negative prompt (`sample_neg_prompt` in the release configs). Wan uses it
 # whenever the user's negative prompt is empty; diffusers' WanPipeline does not.
 WAN_DEFAULT_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"

@@ -11,26 +11,26 @@ layout and loads through the same loader as the real checkpoints.
 `wan-tiny` preset), written on first use to the user's cache. Its output is noise; tests and plumbing
 benchmarks use it (through `write_random_checkpoint`) because it is smaller and its weights are
 arbitrary on purpose.
+
+Resolving a model (`resolve_model_path`) imports neither torch nor transformers, so the engine can name
+the default model cheaply; only writing the random checkpoint imports them, inside the functions that do it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import UMT5Config, UMT5EncoderModel
-
-from models.random_init import randomize_parameters
 from models.wan.checkpoint import ORIGINAL_VAE_FILE
 from models.wan.config import PRESETS, WAN_TINY, WanDiTConfig, WanVAEConfig
-from models.wan.text_encoder import WanTextEncoder
-from models.wan.tokenizer import build_word_tokenizer
-from models.wan.transformer import WanTransformer
-from models.wan.vae import WanVAE
+
+if TYPE_CHECKING:
+    from transformers import UMT5Config
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,10 @@ def _cache_root() -> Path:
     return Path.home() / ".cache" / "smart-diffusion"
 
 
-def tiny_t5_config(vocab_size: int, d_model: int) -> UMT5Config:
+def tiny_t5_config(vocab_size: int, d_model: int) -> "UMT5Config":
+    """The tiny umT5 encoder's config: 2 layers, 4 heads, the relative-position settings of umT5-XXL."""
+    from transformers import UMT5Config
+
     return UMT5Config(
         vocab_size=vocab_size, d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model, num_layers=2,
         num_heads=4, relative_attention_num_buckets=32, relative_attention_max_distance=128,
@@ -71,6 +74,14 @@ def write_random_checkpoint(root: str | Path, *, dit: WanDiTConfig = WAN_TINY, v
     `layout` is "original" (Wan release files) or "diffusers"; two experts write Wan2.2 A14B's
     high/low-noise folders (or transformer/ + transformer_2/).
     """
+    from transformers import UMT5EncoderModel
+
+    from models.random_init import randomize_parameters
+    from models.wan.text_encoder import WanTextEncoder
+    from models.wan.tokenizer import build_word_tokenizer
+    from models.wan.transformer import WanTransformer
+    from models.wan.vae import WanVAE
+
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,8 +107,6 @@ def write_random_checkpoint(root: str | Path, *, dit: WanDiTConfig = WAN_TINY, v
 
 
 def _write_model_index(root: Path, num_experts: int) -> None:
-    import json
-
     index = {
         "_class_name": "WanPipeline",
         "_diffusers_version": "0.42.1",
@@ -128,6 +137,8 @@ def ensure_random_model(cache_root: Path | None = None) -> Path:
     target = (cache_root or _cache_root()) / f"{RANDOM_MODEL_NAME}-{_RANDOM_MODEL_VERSION}"
     if (target / "config.json").is_file():
         return target
+    import torch
+
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("creating the random-weight %s model in %s", RANDOM_MODEL_NAME, target)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))

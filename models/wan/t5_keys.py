@@ -2,7 +2,7 @@
 
 Wan ships the encoder as `models_t5_umt5-xxl-enc-bf16.pth` with its own module names
 (`wan/modules/t5.py`); we run it through transformers' `UMT5EncoderModel`, which has the same math
-(reference: wan.md §4.1-4.2). The maps are pure functions on state dicts so they can be tested on
+(docs/wan-model.md, "Text encoder"). The maps are pure functions on state dicts so they can be tested on
 key lists and reused by converters; loading and shape checks live in `models.loading.load_strict`.
 """
 
@@ -13,7 +13,7 @@ from typing import Mapping, TypeVar
 
 from transformers import UMT5Config
 
-from models.loading import CheckpointError
+from models.errors import CheckpointError
 
 V = TypeVar("V")
 
@@ -42,7 +42,7 @@ _GLOBAL_KEYS_REVERSED = {hf: wan for wan, hf in _GLOBAL_KEYS.items()}
 _WAN_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _HF_BLOCK = re.compile(r"^encoder\.block\.(\d+)\.(.+)$")
 
-# Fixed by the umT5 architecture and not recoverable from tensor shapes (wan.md §4.1).
+# Fixed by the umT5 architecture and not recoverable from tensor shapes.
 RELATIVE_ATTENTION_MAX_DISTANCE = 128
 LAYER_NORM_EPS = 1e-6
 

@@ -1,4 +1,4 @@
-"""Wan's text encoder: the umT5-XXL encoder plus its tokenizer and prompt cleaning (wan.md §4).
+"""Wan's text encoder: the umT5-XXL encoder plus its tokenizer and prompt cleaning (docs/wan-model.md).
 
 The network is transformers' `UMT5EncoderModel`, which computes exactly what Wan's own
 `wan/modules/t5.py` computes (per-layer relative position bias, no 1/sqrt(d) scaling, RMS norm,

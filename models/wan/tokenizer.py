@@ -3,7 +3,7 @@
 The release ships google/umt5-xxl's SentencePiece tokenizer (256k pieces). Small checkpoints in
 the same layout (tests, the embedded default model) need a tokenizer that loads the same way
 (`AutoTokenizer.from_pretrained(folder, local_files_only=True)`) and keeps the conventions Wan's
-encoder depends on (wan.md §4.3): pad id 0, EOS id 1 appended to every sequence, unknown id 2.
+encoder depends on (docs/wan-model.md): pad id 0, EOS id 1 appended to every sequence, unknown id 2.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""The Wan2.1 / Wan2.2 text-to-video DiT with the exact math of `wan/modules/model.py` (wan.md §2).
+"""The Wan2.1 / Wan2.2 text-to-video DiT with the exact math of `wan/modules/model.py` (docs/wan-model.md).
 
 Read top-down like the paper: timestep sinusoid -> 3D RoPE -> norms -> self-attention ->
 cross-attention -> block -> head -> the model. Parameter names are the original checkpoint keys
 (`patch_embedding`, `text_embedding.0`, `blocks.N.self_attn.q`, `head.head`, ...), so an original
 checkpoint loads with no key map; diffusers folders go through `transformer_keys.diffusers_to_original`.
 
-Precision (wan.md §2.7): the residual stream, time embedding, modulation, norms and head run in fp32
+Precision, as in the release: the residual stream, time embedding, modulation, norms and head run in fp32
 whatever the weight dtype; the big matmuls (attention projections, FFN, text embedding, patch
 embedding) run in the weight dtype. `WanTransformer.keep_fp32` names the parameters that stay fp32.
 
@@ -67,7 +67,7 @@ ROPE_MAX_POSITIONS = 1024
 def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Wan's `sinusoidal_embedding_1d`: t (B,) -> (B, dim) fp32, [cos | sin], computed in float64.
 
-    diffusers computes this in float32, which alone differs by up to 5.6e-5 (wan.md §2.2).
+    diffusers computes this in float32, which alone differs by up to 5.6e-5 for t in [0, 999].
     """
     half = dim // 2
     pos = t.to(torch.float64)
@@ -95,7 +95,7 @@ def _axis_angles(positions: int, pairs: int, device: torch.device | None) -> tor
 def rope_tables(grid: tuple[int, int, int], head_dim: int, device: torch.device | str | None = None) -> RopeTables:
     """cos/sin tables for every token of a (f, h, w) grid in frame-major order, each (f*h*w, head_dim/2) fp32.
 
-    Token (pf, ph, pw) gets the angles [pf*theta_t, ph*theta_h, pw*theta_w] (wan.md §2.5). Angles and
+    Token (pf, ph, pw) gets the angles [pf*theta_t, ph*theta_h, pw*theta_w], concatenated. Angles and
     their cos/sin are computed in float64 and cast, as Wan does. A context-parallel rank can slice
     rows [start:end] to get the tables of its own tokens.
     """

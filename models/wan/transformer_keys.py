@@ -1,4 +1,4 @@
-"""Key maps between the original Wan DiT checkpoint and diffusers `WanTransformer3DModel` (wan.md §3.2).
+"""Key maps between the original Wan DiT checkpoint and diffusers `WanTransformer3DModel`.
 
 The native model (`models/wan/transformer.py`) uses the original names, so an original checkpoint
 loads with no map and a diffusers `transformer/` folder goes through `diffusers_to_original`.

@@ -1,4 +1,4 @@
-"""Wan2.1 VAE (`wan/modules/vae.py`, = Wan2.2 `vae2_1.py`) with the reference math, wan.md §5.
+"""Wan2.1 VAE (`wan/modules/vae.py`, = Wan2.2 `vae2_1.py`) with the reference math (docs/wan-model.md, "VAE").
 
 Read top-down: causal conv and its per-call cache -> RMS norm -> residual / attention / resample
 blocks -> encoder -> decoder -> `WanVAE` (chunked encode, frame-by-frame decode, loading).
@@ -32,7 +32,7 @@ from models.loading import (
     StateDict,
     load_safetensors_dir,
     load_strict,
-    load_torch_file,
+    load_weights_file,
     meta_device,
     save_safetensors_sharded,
 )
@@ -242,7 +242,7 @@ class Resample(nn.Module):
     downsample3d adds time_conv (3,1,1) stride 2 over [last cached frame, chunk].
     upsample2d/3d: nearest-exact x2 (in fp32) + Conv2d 3x3 (C -> C/2);
     upsample3d first runs time_conv (3,1,1) C -> 2C and interleaves the halves in time (t -> 2t).
-    The first chunk of a call skips time_conv in both directions (wan.md §5.3).
+    The first chunk of a call skips time_conv in both directions, as Wan's causal schedule does.
     In a row-split decode the upsampling conv takes its H padding from the cache's `SpatialSplit`
     (nearest x2 and time_conv act per row, so they need nothing from the neighbours).
     """
@@ -412,7 +412,7 @@ class WanVAE(nn.Module):
 
     Encoding runs in causal chunks of input frames [0:1], [1:5], [5:9], ... and decoding one latent frame
     at a time, both with a per-call `FeatureCache`; this is what makes temporal (de)compression happen
-    (wan.md §5.3). Latents are normalised per channel, (mu - mean) / std, as the Wan code does, so
+    (Wan's causal schedule). Latents are normalised per channel, (mu - mean) / std, as the Wan code does, so
     callers never see the raw posterior mean. Runs in the dtype of the weights (fp32 for parity) and
     returns fp32.
     """
@@ -537,14 +537,15 @@ class WanVAE(nn.Module):
                         device: torch.device | str = "cpu") -> "WanVAE":
         """Load an original `Wan2.1_VAE.pth` (file, or a folder holding one) or a diffusers `vae/` folder.
 
-        The original file carries no config, so the shape is read off its tensors; the diffusers
+        The file may also be the same state dict as `.safetensors` (e.g. converted from an untrusted `.pth`,
+        which is refused). The original file carries no config, so the shape is read off its tensors; the diffusers
         folder's `config.json` is read. Every missing, unexpected or mis-shaped key is an error.
         """
         path = Path(path)
         if path.is_dir() and (path / ORIGINAL_FILENAME).is_file():
             path = path / ORIGINAL_FILENAME
         if path.is_file():
-            sd = load_torch_file(path)
+            sd = load_weights_file(path)
             config = infer_config_from_original(sd, source=str(path))
             source = str(path)
         elif path.is_dir() and (path / "config.json").is_file():

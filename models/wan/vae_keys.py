@@ -1,4 +1,4 @@
-"""Key maps between the original `Wan2.1_VAE.pth` and diffusers `AutoencoderKLWan` (wan.md §5.5).
+"""Key maps between the original `Wan2.1_VAE.pth` (194 keys at base width 96) and diffusers `AutoencoderKLWan`.
 
 `WanVAE` uses the original names, so only the diffusers layout needs mapping. Both directions are
 pure functions of the key and the config; keys that match no rule pass through unchanged so that the

@@ -1,4 +1,4 @@
-"""Samplers: Wan's schedules (wan.md §6.3/§6.4), parity with diffusers' schedulers, convergence."""
+"""Samplers: Wan's schedules (docs/wan-model.md, "Sampling"), parity with diffusers' schedulers, convergence."""
 
 from __future__ import annotations
 

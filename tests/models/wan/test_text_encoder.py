@@ -1,6 +1,6 @@
 """WanTextEncoder: parity with Wan's T5 math, Wan's tokenisation conventions, both checkpoint layouts.
 
-The reference below is written from wan.md §4.1 (Wan `wan/modules/t5.py`) on Wan key names and
+The reference below is written from Wan's `wan/modules/t5.py` on Wan key names and
 shares no code with transformers, so a wrong key map, a missing mask or a scaling mistake shows up
 as a numerical mismatch. Tiny config: dim 64, 4 heads, 3 layers, FFN 96, vocab 300, CPU fp32.
 """
@@ -28,7 +28,7 @@ from models.wan.tokenizer import build_word_tokenizer
 DIM, HEADS, LAYERS, FFN, VOCAB = 64, 4, 3, 96, 300
 TEXT_LEN = 512
 EPS = 1e-6
-# Max abs error on valid tokens, fp32 (wan.md §8.3 measured 2.7e-6 / 9.5e-6 at |out| <= 4.2).
+# Max abs error on valid tokens, fp32 (Wan's encoder against UMT5EncoderModel measured 2.7e-6 / 9.5e-6 at |out| <= 4.2).
 PARITY_ATOL = 2e-5
 
 WORDS = [f"w{i}" for i in range(280)] + [".", ",", "!", "&", "<", ">", "café", "a", "b", "c"]

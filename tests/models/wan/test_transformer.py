@@ -30,14 +30,14 @@ from models.wan.transformer_keys import ORIGINAL_PREFIX, diffusers_to_original, 
 
 diffusers = pytest.importorskip("diffusers")
 
-# wan.md §8.2: head_dim 32 gives RoPE pairs (6, 5, 5), so all three axes are exercised.
+# head_dim 32 gives RoPE pairs (6, 5, 5), so all three axes are exercised.
 TINY = WanDiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, freq_dim=32, text_dim=48, text_len=24)
 # The Wan2.1-14B / Wan2.2-A14B expert layout scaled down: head_dim 128 (pairs 22/21/21), freq_dim 256,
 # ffn/dim = 13824/5120 = 2.7.
 A14B_LIKE = WanDiTConfig(dim=384, ffn_dim=1037, num_heads=3, num_layers=2, freq_dim=256, text_dim=64, text_len=32)
 
 # Measured max abs error vs diffusers: 1.1e-5 (TINY, |out| 4.8) and 1.4e-5 (A14B_LIKE, |out| 3.8). The gap is
-# Wan's float64 sinusoid and RoPE against diffusers' float32 ones (wan.md §8.3: 2.8e-5 for WanModel itself).
+# Wan's float64 sinusoid and RoPE against diffusers' float32 ones (measured 2.8e-5 for Wan's own WanModel).
 ATOL = RTOL = 1e-4
 
 
