@@ -78,6 +78,9 @@ class ServiceConfig(_Strict):
     vae: VAEConfig = VAEConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     job_store: Path = Field(Path("smartdiff-jobs.sqlite"), description="SQLite file recording every accepted job.")
+    job_store_lock_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="How long a starting engine waits for the previous owner of job_store "
+                                         "(e.g. the replica it replaces) to stop before failing with that owner's pid.")
     output_dir: Path = Field(Path("outputs"), description="Where results (mp4/png + JSON sidecar) are written.")
     resume_unfinished: bool = Field(True, description="On start-up, re-queue jobs a previous run accepted but did "
                                                       "not finish (False: mark them failed with the reason).")
