@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -122,6 +123,9 @@ def _submit(client: httpx.Client, prompt: str, **params: Any) -> str:
     return response.json()["id"]
 
 
+MISSES: Counter[str] = Counter()  # what polls got instead of an answer (5xx codes, transport errors), per test
+
+
 def _get(client: httpx.Client, video_id: str, timeout_s: float = STARTUP_S) -> dict[str, Any]:
     """The job's video object; connection errors and 5xx (no replica yet) are waited out."""
     deadline = time.monotonic() + timeout_s
@@ -131,8 +135,9 @@ def _get(client: httpx.Client, video_id: str, timeout_s: float = STARTUP_S) -> d
             if response.status_code == 200:
                 return response.json()
             assert response.status_code >= 500, response.text
-        except httpx.TransportError:
-            pass
+            MISSES[str(response.status_code)] += 1
+        except httpx.TransportError as exc:
+            MISSES[type(exc).__name__] += 1
         assert time.monotonic() < deadline, f"{video_id}: no answer from the service in {timeout_s} s"
         time.sleep(0.2)
 
@@ -173,6 +178,7 @@ def _assert_succeeded(client: httpx.Client, video_ids: list[str]) -> list[dict[s
 
 @pytest.fixture()
 def client(service: Service) -> Iterator[httpx.Client]:
+    MISSES.clear()
     with httpx.Client(base_url=service.url, timeout=STARTUP_S) as c:
         yield c
 
@@ -201,6 +207,26 @@ def test_killed_stage_actor_is_replaced_and_every_job_succeeds(client: httpx.Cli
     assert _replica()["ActorID"] == replica["ActorID"], "a stage actor's death must not cost the replica"
 
 
+def test_job_fails_naming_the_stage_when_its_retries_run_out(client: httpx.Client) -> None:
+    """The DiT rank is killed in both of the job's attempts (max_attempts 2): the job fails, its
+    error names the stage and the attempts, and the service goes on with the next job."""
+    replica = _replica()
+    job = _submit(client, "unlucky", num_inference_steps=LONG_STEPS)
+    killed_epoch = 0.0
+    for attempt in (0, 1):
+        # denoising on a live group: a retried job shows its old step until the rebuilt group restarts it
+        _until(client, job, lambda b, a=attempt, t=killed_epoch: b["attempts"] == a and b["step"] >= 2
+               and b["job_status"] == "denoising" and b["stage_times"]["denoise"][0] > t)
+        (rank,) = _children(replica, "DiTRankActor")
+        killed_epoch = time.time()
+        _kill(rank)
+    final = _final(client, job)
+    assert final["job_status"] == "failed" and final["status"] == "failed", final
+    message = final["error"]["message"]
+    assert message.startswith("denoise stage: ") and "gave up after 2 attempts" in message, message
+    _assert_succeeded(client, [_submit(client, "next one")])
+
+
 # ---------------------------------------------------------------------------------------------
 # Hot upgrade
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +253,7 @@ def test_hot_upgrade_while_jobs_run_loses_no_accepted_job(service: Service, clie
     assert resumed, "every job finished on the old replica: the upgrade came too late to test a takeover"
     assert all(f["attempts"] == 0 for f in finals), "an upgrade is not a failure: no retry may be spent"
     print(f"upgrade: deploy took {deploy_s:.1f} s; new replica started {(new['StartTime'] - old_end_ms) / 1000:+.1f} s "
-          f"after the old one ended; {len(resumed)} of {len(jobs)} jobs resumed by it")
+          f"after the old one ended; {len(resumed)} of {len(jobs)} jobs resumed by it; polls missed: {dict(MISSES)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,4 +285,4 @@ def test_killed_ingress_replica_is_restarted_and_resumes_every_accepted_job(clie
     assert all(table[pg]["state"] == "REMOVED" for pg in groups), "placement groups outlived the replica"
     for body in finals:  # all three ran (again) on the new replica
         assert body["stage_times"]["denoise"][0] > killed_epoch, body["stage_times"]
-    print(f"replica restart and three jobs done in {recovered_s:.1f} s")
+    print(f"replica restart and three jobs done in {recovered_s:.1f} s; polls missed: {dict(MISSES)}")
