@@ -228,6 +228,32 @@ def test_job_fails_naming_the_stage_when_its_retries_run_out(client: httpx.Clien
 
 
 # ---------------------------------------------------------------------------------------------
+# One engine per job store
+# ---------------------------------------------------------------------------------------------
+def test_an_engine_does_not_start_on_a_store_another_engine_owns(tiny_model: str, tmp_path: Path) -> None:
+    """Ownership comes first in StageEngine.start: a second engine neither recovers jobs nor reserves
+    a placement group while the store has an owner, and its error names the owner."""
+    import asyncio
+
+    from actors.config import ServiceConfig
+    from actors.engine import StageEngine
+    from actors.job_store import JobStore, StoreLeaseTimeout
+
+    cfg = ServiceConfig.load(overrides={"model": tiny_model, "job_store": str(tmp_path / "jobs.sqlite"),
+                                        "output_dir": str(tmp_path / "out"), "job_store_lock_timeout_s": 0.5})
+    owner = JobStore(cfg.job_store)
+    asyncio.run(owner.take_ownership(timeout_s=1))
+    left = owner.create({"prompt": "left by the owner"})
+    engine = StageEngine(cfg)
+    with pytest.raises(StoreLeaseTimeout, match=f"owned by pid {os.getpid()} .* after waiting 0.5 s"):
+        asyncio.run(engine.start())
+    assert engine.text_pool.placement_group is None and not engine.ready
+    assert engine.store.get(left.id).status == "queued" and engine.scheduler.pending == 0
+    owner.close()
+    engine.store.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # Hot upgrade
 # ---------------------------------------------------------------------------------------------
 def test_hot_upgrade_while_jobs_run_loses_no_accepted_job(service: Service, client: httpx.Client) -> None:
