@@ -380,6 +380,7 @@ def build_app(cfg: ServiceConfig, name: str = "VideoService", **deployment_optio
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=cfg.scheduler.retry_after_s),
         health_check_period_s=10,
         health_check_timeout_s=30,
+        max_surge_percent=0,  # the job store has one owner: an old replica stops before its successor starts
     ).options(**deployment_options)
     return deployment.bind(json.loads(cfg.model_dump_json()))
 

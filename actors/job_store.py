@@ -238,8 +238,9 @@ class StoreLease:
         if time.monotonic() >= deadline:
             raise StoreLeaseTimeout(
                 f"job store {self.store_path} is still owned by {holder} after waiting {timeout_s:g} s: another engine "
-                f"(a Serve replica being replaced, or a batch run) is running its jobs. Stop that process, "
-                f"or give this service its own job_store file")
+                f"(a Serve replica being replaced, or a batch run) is running its jobs. Stop that process, or give "
+                f"this service its own job_store file; a Serve upgrade needs max_surge_percent 0, so that the old "
+                f"replica stops before the new one starts")
         if not warned:
             logger.warning("job store %s is owned by %s; waiting up to %g s for it to stop", self.store_path, holder,
                            timeout_s)

@@ -1,7 +1,8 @@
 """Faults of the running service (Ray Serve, real app, tiny model, CPU): a stage actor of each kind
-killed mid-job, a hot upgrade of the application while jobs run, and the ingress replica itself
-killed mid-job. In every case each accepted job ends `succeeded`: a retry on a rebuilt pool, or
-the next replica's engine resuming what the job store says is unfinished.
+killed mid-job, a job whose retries run out, a second engine on an owned job store, a hot
+upgrade of the application while jobs run, and the ingress replica itself killed mid-job. Every
+accepted job ends `succeeded` (a retry on a rebuilt pool, or the next replica's engine resuming
+what the job store says is unfinished) or `failed` with an error naming the stage.
 
 One application serves the whole module; the tests run in file order, each leaving it healthy.
 Actors are found through the GCS actor table (the dashboard, and so `ray.util.state`, is off)
