@@ -365,9 +365,10 @@ class VideoService:
         return JSONResponse(snapshot, status_code=200 if snapshot["ready"] else 503)
 
 
-def build_app(cfg: ServiceConfig, name: str = "VideoService") -> Application:
+def build_app(cfg: ServiceConfig, name: str = "VideoService", **deployment_options: Any) -> Application:
     """Bind the ingress for `cfg` (validated already). The replica itself needs little: the stage
-    pools reserve their own placement groups."""
+    pools reserve their own placement groups. `deployment_options` override the Serve options
+    below (fault tests shorten health_check_period_s)."""
     ingress = serve.ingress(api)(VideoService)
     deployment = serve.deployment(
         ingress,
@@ -379,7 +380,8 @@ def build_app(cfg: ServiceConfig, name: str = "VideoService") -> Application:
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=cfg.scheduler.retry_after_s),
         health_check_period_s=10,
         health_check_timeout_s=30,
-    )
+        max_surge_percent=0,  # the job store has one owner: an old replica stops before its successor starts
+    ).options(**deployment_options)
     return deployment.bind(json.loads(cfg.model_dump_json()))
 
 

@@ -87,6 +87,9 @@ class ServiceConfig(_Strict):
     job_store: Path = Field(Path(DATA_DIR) / "jobs.sqlite",
                             description="SQLite file recording every accepted job. A relative path is taken from the "
                                         "folder the service (or batch run) was started in.")
+    job_store_lock_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="How long a starting engine waits for the previous owner of job_store "
+                                         "(e.g. the replica it replaces) to stop before failing with that owner's pid.")
     output_dir: Path = Field(Path(DATA_DIR) / "outputs",
                              description="Where results (mp4/png + JSON sidecar) are written; relative as job_store.")
     resume_unfinished: bool = Field(True, description="On start-up, re-queue jobs a previous run accepted but did "

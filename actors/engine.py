@@ -124,6 +124,7 @@ class StageEngine:
     async def start(self) -> None:
         """Start every pool and group (concurrently), recover unfinished jobs, start the workers."""
         self._changed = asyncio.Condition()
+        await self.store.take_ownership(self.cfg.job_store_lock_timeout_s)  # one engine per store at a time
         started = time.perf_counter()
         await asyncio.gather(self.text_pool.start(), self.vae_pool.start(), *(g.start() for g in self.dit_groups))
         logger.info("stage pools ready in %.1f s (text %d, DiT %d x %d ranks, VAE %d x %d ranks)",
@@ -146,6 +147,7 @@ class StageEngine:
             await asyncio.wait(self._workers, timeout=10)
         await asyncio.gather(self.text_pool.shutdown(), self.vae_pool.shutdown(),
                              *(g.shutdown() for g in self.dit_groups), return_exceptions=True)
+        self.store.release_ownership()
 
     def _recover(self) -> None:
         """Jobs a previous run accepted but did not finish: re-queue them, or fail them with the reason."""

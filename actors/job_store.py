@@ -6,14 +6,22 @@ lock serves all threads and asyncio tasks of one process: every call is a short 
 WAL mode lets readers (status polls) proceed while a writer commits; `synchronous=FULL`
 makes a committed row survive a power cut, which is cheap at one write per chunk.
 
+Only one engine may run a store's jobs at a time (two would run every unfinished job twice):
+`StoreLease` is that ownership, an OS file lock next to the database that an engine takes before
+it recovers jobs and that the OS drops when the owner's process ends, however it ends.
+
 Stdlib only: the store must import neither torch nor ray (tests/test_layering.py pins it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import fcntl
 import json
 import logging
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -142,6 +150,102 @@ _COLUMNS = ("id", "kind", "params", "priority", "status", "step", "total_steps",
 _JSON_COLUMNS = ("params", "timings", "stage_times")
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 
+class StoreLeaseTimeout(TimeoutError):
+    """Another process still owned the job store when the wait for it ran out."""
+
+
+class StoreLease:
+    """Exclusive ownership of one job store by one process at a time: the engine that runs its jobs.
+
+    An advisory `flock` on `<store>.lock`, not a row in the database, because the OS drops it the
+    moment its owner closes the file or ends, SIGKILL included: a crashed owner never blocks its
+    successor and nothing has to expire. The owner writes its pid, host and start time into the
+    file, so a waiting process can say whom it waits for. flock locks belong to the open file,
+    so two leases in one process exclude each other as well; the descriptor is close-on-exec, so
+    a program the owner starts does not inherit the lock. The store must be on a local disk
+    (flock on network file systems is not dependable).
+    """
+
+    def __init__(self, store_path: str | Path) -> None:
+        self.store_path = str(store_path)
+        self.path = Path(f"{store_path}.lock")
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """True while this lease owns the store."""
+        return self._fd is not None
+
+    def try_acquire(self) -> bool:
+        """Take ownership if nobody holds it; True if this lease holds it now (also when it already did)."""
+        if self._fd is not None:
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
+        self._fd = fd
+        logger.info("owner of job store %s: pid %d", self.store_path, os.getpid())
+        return True
+
+    def holder(self) -> str:
+        """Who owns the store, as the owner wrote it into the lock file."""
+        try:
+            text = self.path.read_text().strip()
+        except OSError:
+            text = ""
+        return text or "an unknown process"
+
+    def acquire(self, timeout_s: float, poll_s: float = 0.2) -> None:
+        """Wait up to `timeout_s` for ownership; StoreLeaseTimeout names the holder if it does not come."""
+        deadline = time.monotonic() + timeout_s
+        warned = False
+        while not self.try_acquire():
+            warned = self._still_waiting(deadline, timeout_s, warned)
+            time.sleep(poll_s)
+
+    async def acquire_async(self, timeout_s: float, poll_s: float = 0.2) -> None:
+        """`acquire` for an asyncio loop: polls, so the loop goes on and a cancelled wait leaves no lock behind."""
+        deadline = time.monotonic() + timeout_s
+        warned = False
+        while not self.try_acquire():
+            warned = self._still_waiting(deadline, timeout_s, warned)
+            await asyncio.sleep(poll_s)
+
+    def release(self) -> None:
+        """Give up ownership (a no-op if not held); the holder line is cleared first."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+        logger.info("released job store %s", self.store_path)
+
+    def _still_waiting(self, deadline: float, timeout_s: float, warned: bool) -> bool:
+        holder = self.holder()
+        if time.monotonic() >= deadline:
+            raise StoreLeaseTimeout(
+                f"job store {self.store_path} is still owned by {holder} after waiting {timeout_s:g} s: another engine "
+                f"(a Serve replica being replaced, or a batch run) is running its jobs. Stop that process, or give "
+                f"this service its own job_store file; a Serve upgrade needs max_surge_percent 0, so that the old "
+                f"replica stops before the new one starts")
+        if not warned:
+            logger.warning("job store %s is owned by %s; waiting up to %g s for it to stop", self.store_path, holder,
+                           timeout_s)
+        return True
+
 
 class JobStore:
     """SQLite-backed job records; safe to share between threads and asyncio tasks of one process."""
@@ -156,6 +260,7 @@ class JobStore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock
         self._lock = threading.Lock()
+        self._lease = StoreLease(self.path) if self.path != ":memory:" else None
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so each call is one transaction.
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
         with self._lock:
@@ -163,6 +268,24 @@ class JobStore:
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.executescript(_SCHEMA)
         logger.info("job store at %s", self.path)
+
+    # -- ownership ------------------------------------------------------------------------------------
+
+    async def take_ownership(self, timeout_s: float) -> None:
+        """Become the only process that runs this store's jobs (StoreLease); waits up to `timeout_s` for
+        the current owner to stop, then raises StoreLeaseTimeout naming it. A no-op for ":memory:"."""
+        if self._lease is not None:
+            await self._lease.acquire_async(timeout_s)
+
+    def release_ownership(self) -> None:
+        """Let the next engine take over (also done by close(), and by the OS when this process ends)."""
+        if self._lease is not None:
+            self._lease.release()
+
+    @property
+    def owned(self) -> bool:
+        """True while this store object holds ownership (always True for ":memory:")."""
+        return self._lease is None or self._lease.held
 
     # -- writes ---------------------------------------------------------------------------------------
 
@@ -282,9 +405,10 @@ class JobStore:
         return [_from_row(r) for r in rows]
 
     def close(self) -> None:
-        """Close the connection; later calls raise sqlite3.ProgrammingError."""
+        """Close the connection and give up ownership; later calls raise sqlite3.ProgrammingError."""
         with self._lock:
             self._conn.close()
+        self.release_ownership()
 
     def __enter__(self) -> JobStore:
         return self

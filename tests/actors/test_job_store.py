@@ -1,16 +1,23 @@
-"""Job store: records, pagination, merged updates, terminal states, persistence and thread safety."""
+"""Job store: records, pagination, merged updates, terminal states, persistence, thread safety, ownership."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from actors.job_store import TERMINAL_STATUSES, DuplicateJobError, JobRecord, JobStore, progress_of
+from actors.job_store import (TERMINAL_STATUSES, DuplicateJobError, JobRecord, JobStore, StoreLease, StoreLeaseTimeout,
+                              progress_of)
 
 
 class FakeClock:
@@ -244,3 +251,73 @@ def test_concurrent_updates_from_threads_and_two_stores_lose_nothing(tmp_path: P
     assert all(stores[0].get_by_key(f"t{t}").step == n_updates - 1 for t in range(n_threads))
     for store in stores:
         store.close()
+
+
+# A second process that owns the store until told (one stdin line) to close it, then waits for another line.
+_OWNER = """
+import asyncio, sys
+from actors.job_store import JobStore
+store = JobStore(sys.argv[1])
+asyncio.run(store.take_ownership(10))
+print("owned", flush=True)
+sys.stdin.readline()
+store.close()
+print("closed", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _owner_process(path: Path) -> subprocess.Popen[str]:
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", _OWNER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "owned"
+    return proc
+
+
+def test_ownership_excludes_another_process_names_it_and_passes_on_close_or_death(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite"
+    owner = _owner_process(path)
+    try:
+        lease = StoreLease(path)
+        assert not lease.try_acquire() and not lease.held
+        started = time.monotonic()
+        with pytest.raises(StoreLeaseTimeout, match=rf"owned by pid {owner.pid} on .* after waiting 0.3 s"):
+            lease.acquire(timeout_s=0.3, poll_s=0.05)
+        assert 0.3 <= time.monotonic() - started < 2
+        assert owner.stdin is not None and owner.stdout is not None
+        owner.stdin.write("close\n")
+        owner.stdin.flush()
+        assert owner.stdout.readline().strip() == "closed"
+        assert lease.try_acquire() and lease.held  # close() gave it up at once, though the process lives on
+        lease.release()
+    finally:
+        owner.kill()
+        owner.wait()
+
+    killed = _owner_process(path)
+    os.kill(killed.pid, signal.SIGKILL)  # no chance to clean up: the OS drops the lock with the process
+    killed.wait()
+    store = JobStore(path)
+    started = time.monotonic()
+    asyncio.run(store.take_ownership(timeout_s=10))
+    assert store.owned and time.monotonic() - started < 1
+    store.close()
+    assert not store.owned
+
+
+def test_two_stores_in_one_process_exclude_each_other(tmp_path: Path) -> None:
+    first, second = JobStore(tmp_path / "jobs.sqlite"), JobStore(tmp_path / "jobs.sqlite")
+    asyncio.run(first.take_ownership(timeout_s=1))
+    with pytest.raises(StoreLeaseTimeout, match=f"pid {os.getpid()}"):
+        asyncio.run(second.take_ownership(timeout_s=0.2))
+    assert first.owned and not second.owned
+    assert second.create({"prompt": "reads and writes need no ownership"}).status == "queued"
+    first.release_ownership()
+    asyncio.run(second.take_ownership(timeout_s=1))
+    assert second.owned
+    first.close()
+    second.close()
+    memory = JobStore(":memory:")
+    asyncio.run(memory.take_ownership(timeout_s=0.1))
+    assert memory.owned
