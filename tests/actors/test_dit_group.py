@@ -135,7 +135,8 @@ def test_chunk_check_catches_ranks_that_disagree(groups: dict[str, DiTGroup], re
         _outcome(one_fails[0])
     with pytest.raises(RuntimeError, match="another rank failed at the start of the chunk"):
         _outcome(one_fails[1])
-    ok = [_outcome(rank.run_steps.remote("job-d", 1)) for rank in (rank0, rank1)]
+    streams = [rank.run_steps.remote("job-d", 1) for rank in (rank0, rank1)]  # both issued before we wait
+    ok = [_outcome(stream) for stream in streams]
     assert [o[0] for o in ok] == [None, None] and [o[1]["step"] for o in ok] == [1, 1]  # no early error report
     run(group.drop("job-d"))
 
