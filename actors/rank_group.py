@@ -41,7 +41,7 @@ import logging
 import os
 import time
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import ray
 from ray.actor import ActorHandle
@@ -364,7 +364,7 @@ class RankGroup:
                 exc = future.exception() if future.done() else None
                 if is_actor_death(exc):
                     detail = f"rank actor {first_rank + i} of {self.label} died during {what}: {first_line(exc)}"
-                    self._break(detail)
+                    self._break(detail, futures)
                     raise StageActorDied(self.stage, detail) from exc
             stuck = [first_rank + i for i, future in enumerate(futures) if not future.done()]
             if not stuck:
@@ -374,15 +374,16 @@ class RankGroup:
                 grace_end = now + self._fault_grace_s
             if grace_end is not None and now >= grace_end:
                 rank, headline = next(iter(failures.items()))
+                others = [r for r in stuck if r not in failures] or stuck
                 detail = (f"rank {rank} of {self.label} failed during {what} ({headline}) and rank(s) "
-                          f"{', '.join(map(str, stuck))} had not finished {self._fault_grace_s:g} s later "
+                          f"{', '.join(map(str, others))} had not finished {self._fault_grace_s:g} s later "
                           f"({self._section}.fault_grace_s), stuck in a collective it left")
-                self._break(detail)
+                self._break(detail, futures)
                 raise StageActorDied(self.stage, detail)
             if deadline is not None and now >= deadline:
                 detail = (f"rank(s) {', '.join(map(str, stuck))} of {self.label} did not finish {what} within "
                           f"{budget_s:g} s ({budget_key}); the group is treated as hung")
-                self._break(detail)
+                self._break(detail, futures)
                 raise StageActorDied(self.stage, detail)
             limits = [t for t in (deadline, grace_end) if t is not None]
             changed.clear()
@@ -397,12 +398,15 @@ class RankGroup:
             raise next(e for e in errors if e is not None)
         return [future.result() for future in futures]
 
-    def _break(self, reason: str) -> None:
+    def _break(self, reason: str, waiting: Sequence[asyncio.Future[Any]] = ()) -> None:
+        """Mark the group broken and kill every rank; stop `waiting` for the calls that will now fail."""
         if self._broken is None:  # the first reason is the cause; later ones are its echoes
             logger.error("%s broken: %s; killing all %d ranks", self.label, reason, len(self._ranks))
             self._broken = reason
         for rank in self._ranks:
             kill_quietly(rank)
+        for future in waiting:
+            future.cancel()
 
 
 async def _rank_outcome(call: ray.ObjectRef | ray.ObjectRefGenerator, report: Callable[[str], None]) -> Any:
