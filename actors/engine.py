@@ -126,6 +126,7 @@ class StageEngine:
         self._dit_busy: set[int] = set()  # DiT groups running a call for a job right now
         self._dit_rebuilds: dict[int, asyncio.Task[None]] = {}  # the one rebuild under way per DiT group
         self._store_lock: asyncio.Lock | None = None  # one store write at a time, in the order issued
+        self._accepting = 0  # submits whose record is being written (they hold a queue place already)
         self._records: dict[str, JobRecord] = {}  # latest record of each job written here (unfinished + recent)
 
     # ------------------------------------------------------------------ lifecycle
@@ -189,10 +190,16 @@ class StageEngine:
                      key: str | None = None) -> JobRecord:
         """Accept a job (recorded durably before this returns) or raise QueueFull / ValidationError."""
         resolved = self.resolve(params)
-        if self.scheduler.pending >= self.cfg.scheduler.max_pending_jobs:
-            raise QueueFull(self.scheduler.pending, self.cfg.scheduler.max_pending_jobs)
+        pending = self.scheduler.pending + self._accepting  # count the submits still writing their record
+        if pending >= self.cfg.scheduler.max_pending_jobs:
+            raise QueueFull(pending, self.cfg.scheduler.max_pending_jobs)
         # durable before we answer "accepted"; the write runs in a thread, so the loop serves others meanwhile
-        record = await self._store(self.store.create, resolved.model_dump(), kind=kind, priority=priority, key=key)
+        self._accepting += 1
+        try:
+            record = await self._store(self.store.create, resolved.model_dump(), kind=kind, priority=priority,
+                                       key=key)
+        finally:
+            self._accepting -= 1
         self.scheduler.submit(record.id, priority)
         self._publish(record)
         await self._notify()
