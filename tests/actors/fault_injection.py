@@ -3,7 +3,8 @@
 A DiT job whose prompt contains OOM_MARK makes rank FAULTY_RANK raise torch.OutOfMemoryError at
 denoising step FAULT_STEP, just before its forward (the other ranks are then inside that step's
 forward, waiting in its collective); HANG_MARK makes that rank sleep there instead (a hang with
-no error). A VAE decode whose output path contains OOM_MARK makes rank FAULTY_RANK raise before
+no error); LATE_OOM_MARK makes it raise right after that step's forward (its collectives done, so
+the other ranks finish the chunk and meet it at the chunk-end check). A VAE decode whose output path contains OOM_MARK makes rank FAULTY_RANK raise before
 its strip decode (the others then wait in the halo exchange). Every other job runs normally, so
 a rebuilt group serves the next job. The test modules register this module to be pickled by
 value, so Ray workers need not import it.
@@ -23,6 +24,7 @@ FAULTY_RANK = 1
 FAULT_STEP = 1
 OOM_MARK = "inject-oom"
 HANG_MARK = "inject-hang"
+LATE_OOM_MARK = "inject-late-oom"
 OOM_MESSAGE = "CUDA out of memory. Tried to allocate 2.00 GiB (injected)"
 
 
@@ -40,12 +42,15 @@ class FaultyDiTRank(DiTRankActor):
         velocity = self._stage.velocity
 
         def faulty_velocity(job: Any, timestep: Any) -> Any:
-            if self.rank == FAULTY_RANK and job.step == FAULT_STEP:
-                if OOM_MARK in job.params.prompt:
-                    raise _out_of_memory()
-                if HANG_MARK in job.params.prompt:
-                    time.sleep(3600)
-            return velocity(job, timestep)
+            faulty = self.rank == FAULTY_RANK and job.step == FAULT_STEP
+            if faulty and OOM_MARK in job.params.prompt:
+                raise _out_of_memory()
+            if faulty and HANG_MARK in job.params.prompt:
+                time.sleep(3600)
+            v = velocity(job, timestep)
+            if faulty and LATE_OOM_MARK in job.params.prompt:
+                raise _out_of_memory()
+            return v
 
         self._stage.velocity = faulty_velocity  # type: ignore[method-assign]
         return extra
