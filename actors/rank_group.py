@@ -353,7 +353,8 @@ class RankGroup:
                 changed.set()
             return report
 
-        futures = [asyncio.ensure_future(_rank_outcome(call, reporter(first_rank + i))) for i, call in enumerate(calls)]
+        futures = [asyncio.ensure_future(_rank_outcome(call, reporter(first_rank + i)))
+                   for i, call in enumerate(calls)]
         for future in futures:  # errors we stop waiting for must not be reported as "never retrieved"
             future.add_done_callback(_consume)
             future.add_done_callback(lambda _: changed.set())
@@ -363,7 +364,9 @@ class RankGroup:
             for i, future in enumerate(futures):
                 exc = future.exception() if future.done() else None
                 if is_actor_death(exc):
-                    detail = f"rank actor {first_rank + i} of {self.label} died during {what}: {first_line(exc)}"
+                    detail = (f"rank actor {first_rank + i} of {self.label} died during {what}: {first_line(exc)}"
+                              if self._broken is None else  # we killed it: say why
+                              f"{self.label} was broken during {what}: {self._broken}")
                     self._break(detail, futures)
                     raise StageActorDied(self.stage, detail) from exc
             stuck = [first_rank + i for i, future in enumerate(futures) if not future.done()]

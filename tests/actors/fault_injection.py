@@ -4,10 +4,10 @@ A DiT job whose prompt contains OOM_MARK makes rank FAULTY_RANK raise torch.OutO
 denoising step FAULT_STEP, just before its forward (the other ranks are then inside that step's
 forward, waiting in its collective); HANG_MARK makes that rank sleep there instead (a hang with
 no error); LATE_OOM_MARK makes it raise right after that step's forward (its collectives done, so
-the other ranks finish the chunk and meet it at the chunk-end check). A VAE decode whose output path contains OOM_MARK makes rank FAULTY_RANK raise before
-its strip decode (the others then wait in the halo exchange). Every other job runs normally, so
-a rebuilt group serves the next job. The test modules register this module to be pickled by
-value, so Ray workers need not import it.
+the other ranks finish the chunk and meet it at the chunk-end check). A VAE decode whose output
+path contains OOM_MARK makes rank FAULTY_RANK raise before its strip decode (the others then wait
+in the halo exchange). Every other job runs normally, so a rebuilt group serves the next job.
+The test modules register this module to be pickled by value, so Ray workers need not import it.
 """
 
 from __future__ import annotations
