@@ -105,12 +105,12 @@ class StageEngine:
         model = str(self.model_path)
         te, vae = cfg.text_encoder, cfg.vae
         self.text_pool = StagePool("text_encode", TextEncoderActor,
-                                   (model, cfg.dtype, cfg.actor_device(te.num_gpus)), {}, te)
+                                   (model, cfg.dtype, cfg.actor_device(te.num_gpus)), {}, te, "text_encoder")
         # vae.patch_parallel > 1: each decode replica is a group of ranks that decode strips (same interface).
         self.vae_pool: StagePool | GroupPool = (
             GroupPool("decode", [VAEGroup(cfg, i, model=model) for i in range(vae.replicas)])
             if vae.patch_parallel > 1 else
-            StagePool("decode", VAEDecoderActor, (model, cfg.actor_device(vae.num_gpus)), {}, vae))
+            StagePool("decode", VAEDecoderActor, (model, cfg.actor_device(vae.num_gpus)), {}, vae, "vae"))
         logger.info("decode pool: %d replicas, %s", vae.replicas,
                     f"each a patch-parallel group of {vae.patch_parallel} VAE ranks" if vae.patch_parallel > 1
                     else "each one VAE actor")

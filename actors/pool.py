@@ -173,12 +173,14 @@ class StagePool:
     """N identical actors of one stage (cfg.replicas), each in its own bundle of one PACK placement group."""
 
     def __init__(self, name: str, actor_cls: type, actor_args: tuple = (), actor_kwargs: dict[str, Any] | None = None,
-                 cfg: PoolConfig = PoolConfig()) -> None:
+                 cfg: PoolConfig = PoolConfig(), section: str = "") -> None:
         """name: the stage ("text_encode", "decode"), used in errors and logs; actor_cls: a plain class with ping().
 
-        cfg: replicas and resources, plus the start-up, call and health-check timeouts.
+        cfg: replicas and resources, plus the start-up, call and health-check timeouts; section: where cfg
+        sits in the service config ("text_encoder", "vae"), so errors name the key to raise.
         """
         self.name = name
+        self._prefix = f"{section}." if section else ""
         self._actor_cls = actor_cls
         # ping gets its own thread (concurrency group) so a health check is answered during a long call.
         self._remote_cls = ray.remote(concurrency_groups={HEALTH_GROUP: 1})(actor_cls)
@@ -256,7 +258,7 @@ class StagePool:
         except BaseException as exc:
             if isinstance(exc, asyncio.TimeoutError):
                 detail = (f"actor {index} ({self._actor_cls.__name__}) did not finish {method}() within "
-                          f"{self._cfg.call_timeout_s:g} s (call_timeout_s) and is treated as hung")
+                          f"{self._cfg.call_timeout_s:g} s ({self._prefix}call_timeout_s) and is treated as hung")
             elif is_actor_death(exc):
                 detail = f"actor {index} ({self._actor_cls.__name__}) died during {method}(): {first_line(exc)}"
             else:
@@ -296,7 +298,7 @@ class StagePool:
         try:
             await asyncio.wait_for(actor.ping.options(concurrency_group=HEALTH_GROUP).remote(), timeout)
         except asyncio.TimeoutError:
-            return f"did not answer ping within {timeout:g} s (health_check_timeout_s)"
+            return f"did not answer ping within {timeout:g} s ({self._prefix}health_check_timeout_s)"
         except Exception as exc:  # noqa: BLE001  # anything but an answer means the actor cannot serve
             return f"is dead: {first_line(exc)}" if is_actor_death(exc) else f"ping raised: {first_line(exc)}"
         return None
@@ -344,8 +346,8 @@ class StagePool:
             await asyncio.wait_for(asyncio.gather(*(one(i, a) for i, a in pending)), self._init_timeout_s)
         except asyncio.TimeoutError:
             raise StageStartError(self.name, f"actors {[i for i, _ in pending]} did not answer ping within "
-                                             f"{self._init_timeout_s:g} s (still loading weights? raise the "
-                                             f"init timeout)") from None
+                                             f"{self._init_timeout_s:g} s (still loading weights? raise "
+                                             f"{self._prefix}init_timeout_s)") from None
 
     async def _respawn(self, index: int) -> ActorHandle:
         """Start a fresh actor in slot `index` and wait until it is ready (StageActorDied if it cannot)."""

@@ -170,13 +170,13 @@ def test_a_hung_call_is_cut_off_and_the_actor_replaced(ray_cluster: None, tiny_m
                                                        run: Callable) -> None:
     """A decode of a big latent takes seconds on CPU; with call_timeout_s=0.5 it counts as a hang."""
     pool = StagePool("decode", VAEDecoderActor, (tiny_model, "cpu"), {},
-                     PoolConfig(replicas=1, num_cpus=0.5, init_timeout_s=90, call_timeout_s=0.5))
+                     PoolConfig(replicas=1, num_cpus=0.5, init_timeout_s=90, call_timeout_s=0.5), "vae")
     run(pool.start())
     try:
         first = pool.actors[0]
         latents = np.zeros((16, 3, 32, 32), np.float32)  # ~10 s of decoding on this CPU
         began = time.monotonic()
-        with pytest.raises(StageActorDied, match=r"did not finish decode\(\) within 0.5 s \(call_timeout_s\)"):
+        with pytest.raises(StageActorDied, match=r"did not finish decode\(\) within 0.5 s \(vae.call_timeout_s\)"):
             run(pool.call("decode", latents, str(tmp_path / "big.mp4"), 16, {}))
         assert time.monotonic() - began < 5
         assert pool.health() == {"actor 0": "replacing"}
