@@ -30,6 +30,21 @@ class PoolConfig(_Strict):
         None, ge=0, description="CPUs reserved per actor (its placement-group bundle). Unset: 1, or an equal share "
                                 "of the cluster's CPUs when it has fewer than one per stage actor (actors/resources.py).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor; 0 on CPU-only clusters.")
+    init_timeout_s: float = Field(120.0, gt=0, le=3600,
+                                  description="Time allowed for placement and for each actor to load its weights "
+                                              "(start-up and every replacement).")
+    call_timeout_s: float = Field(600.0, gt=0, le=86_400,
+                                  description="Longest one call (an encode batch, a decode) may take; after it the "
+                                              "actor (or VAE group) is treated as hung: killed, replaced, and the "
+                                              "job retried.")
+    health_check_period_s: float = Field(5.0, gt=0, le=3600,
+                                         description="How often the engine pings every actor of the pool (in its "
+                                                     "own health thread, so busy actors answer too); a dead or "
+                                                     "silent actor is replaced without waiting for a job, and "
+                                                     "/readyz says 503 until it is back.")
+    health_check_timeout_s: float = Field(30.0, gt=0, le=3600,
+                                          description="An actor that does not answer a ping within this is "
+                                                      "treated as hung and replaced.")
 
 
 class VAEConfig(PoolConfig):
@@ -41,6 +56,11 @@ class VAEConfig(PoolConfig):
                                 description="Rank actors per decode replica (1 = one actor). N > 1: N ranks in one "
                                             "torch.distributed group each decode a strip of rows, for frames too "
                                             "large or slow for one device; exact. num_cpus/num_gpus are per rank.")
+    fault_grace_s: float = Field(5.0, gt=0, le=600,
+                                 description="patch_parallel > 1: after one rank's decode raises, how long the other "
+                                             "ranks get to finish it; ranks still running then are stuck in a "
+                                             "collective the failed rank left, so the group is killed, rebuilt "
+                                             "and the job retried.")
 
 
 class DiTConfig(_Strict):
@@ -55,6 +75,23 @@ class DiTConfig(_Strict):
                              description="Denoising steps per dispatch: progress, cancellation and priorities "
                                          "take effect between chunks.")
     init_timeout_s: float = Field(120.0, gt=0, description="Time allowed for placement and process-group start-up.")
+    step_timeout_s: float = Field(300.0, gt=0, le=86_400,
+                                  description="Longest one denoising step may take on the ranks (a chunk gets "
+                                              "chunk_steps times this, any other group call once this); after it "
+                                              "the group is treated as hung: killed, rebuilt and the job retried.")
+    fault_grace_s: float = Field(5.0, gt=0, le=600,
+                                 description="After one rank's call raises (e.g. out of memory), how long the other "
+                                             "ranks get to finish it; ranks still running then are stuck in a "
+                                             "collective the failed rank left, so the group is killed, rebuilt "
+                                             "and the job retried.")
+    health_check_period_s: float = Field(5.0, gt=0, le=3600,
+                                         description="How often the engine pings every rank of every DiT group (in "
+                                                     "the ranks' health thread); a group with a dead or silent rank "
+                                                     "is rebuilt without waiting for a job, and /readyz says 503 "
+                                                     "until it is back.")
+    health_check_timeout_s: float = Field(30.0, gt=0, le=3600,
+                                          description="A rank that does not answer a ping within this is treated "
+                                                      "as hung and its group rebuilt.")
     cfg_degree: int | None = Field(None, ge=1, le=2,
                                    description="Ranks per request over the CFG branches (1 or 2). The three degrees "
                                                "must multiply to world_size; all unset = automatic layout, "

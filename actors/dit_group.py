@@ -12,7 +12,12 @@ in milliseconds with the reason, not after minutes of weight loading), and every
 (parallel.dit), so any rank could return them; rank 0 does. At the end of each chunk
 the ranks run ONE small all_reduce that checks they stand at the same step and that none failed
 (group checks at chunk boundaries, never a per-step barrier). Every rank enters
-that collective even when its own chunk raised, so a Python error never strands the others in it.
+that collective even when its own chunk raised, so an error after the chunk's last collective
+fails all ranks together and the group lives on. An error inside a forward (out of memory on one
+GPU) leaves the others in that forward's collective instead: the failed rank reports its error
+before the end check (`run_steps` yields it first), and the group is broken once the others
+have not finished `dit.fault_grace_s` later; a chunk that outlives chunk_steps x
+`dit.step_timeout_s` breaks it too (rank_group.py).
 
 The generic group machinery (placement group, rendezvous, init on all ranks at once, ping in
 its own concurrency group, group-wide failure, the GPU environment) lives in actors/rank_group.py:
@@ -26,14 +31,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
 import ray
 
 from actors.config import ServiceConfig
 from actors.errors import StageActorDied, StageStartError
-from actors.rank_group import RankActor, RankGroup
+from actors.rank_group import RankActor, RankGroup, error_headline
 from actors.stage_actors import resolve_checkpoint, resolve_dtype, resolve_model_folder
 from models.wan.checkpoint import WanCheckpoint, read_dit_config
 from parallel.mesh import LayoutError, ParallelLayout, resolve_layout
@@ -103,14 +108,17 @@ class DiTRankActor(RankActor):
         self._jobs[job_id] = job
         return job.total_steps
 
-    def run_steps(self, job_id: str, max_steps: int) -> dict[str, Any]:
-        """Advance a job by up to max_steps; returns {"step", "total", "done", "step_times"} (this chunk's seconds).
+    def run_steps(self, job_id: str, max_steps: int) -> Iterator[str | dict[str, Any] | None]:
+        """Advance a job by up to max_steps. Yields twice (a Ray streaming call): first None, or the headline
+        of this rank's own error as soon as its steps failed; then {"step", "total", "done", "step_times"}
+        (this chunk's seconds), or it raises.
 
         With world_size > 1 the chunk is framed by two small all_reduce checks, entered by every rank
-        even after an error, so all ranks fail or succeed together and never strand one another:
-        before it, that every rank knows the job, stands at the same step and runs the same number of
-        steps (the forwards contain collectives, so a disagreement must stop the chunk before they
-        start); after it, that no rank failed and all reached the same step.
+        even after an error: before it, that every rank knows the job, stands at the same step and runs
+        the same number of steps (the forwards contain collectives, so a disagreement must stop the
+        chunk before they start); after it, that no rank failed and all reached the same step. A rank
+        whose forward failed inside a collective never meets the others at the end check, which is why
+        it reports first: the group then stops waiting (DiTGroup, fault_grace_s).
         """
         if max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {max_steps}")
@@ -133,13 +141,15 @@ class DiTRankActor(RankActor):
             self._stage.run_steps(job, max_steps)
         except Exception as exc:  # noqa: BLE001  # re-raised below, after the group check
             error = exc
+            logger.error("rank %d: job %s failed in its chunk: %s", self.rank, job_id, error_headline(exc))
+        yield None if error is None else error_headline(error)
         if self.world_size > 1:
             self._agree(job_id, "at the end of the chunk", {"step": -1 if job is None else job.step},
                         failed=error is not None)
         if error is not None:
             raise error
         assert job is not None
-        return {"step": job.step, "total": job.total_steps, "done": job.done, "step_times": job.step_times[first:]}
+        yield {"step": job.step, "total": job.total_steps, "done": job.done, "step_times": job.step_times[first:]}
 
     def _agree(self, job_id: str, when: str, named: dict[str, int], failed: bool) -> None:
         """One all_reduce(MAX) of (values, -values, failed): raises on every rank unless all ranks hold the
@@ -193,17 +203,19 @@ class DiTRankActor(RankActor):
 class DiTGroup(RankGroup):
     """A group of `cfg.dit.world_size` DiTRankActors in one STRICT_PACK placement group, driven from asyncio."""
 
-    def __init__(self, cfg: ServiceConfig, group_index: int = 0, model: str | None = None) -> None:
-        """model: checkpoint folder; None = cfg.model (None there too: the embedded default model)."""
+    def __init__(self, cfg: ServiceConfig, group_index: int = 0, model: str | None = None,
+                 actor_cls: type[DiTRankActor] = DiTRankActor) -> None:
+        """model: checkpoint folder; None = cfg.model (None there too: the embedded default model);
+        actor_cls: the rank class (a subclass in fault-injection tests)."""
         self.cfg = cfg
         self.group_index = group_index
         self._model_arg = model if model is not None else cfg.model
         self.layout: ParallelLayout | None = None
         dit = cfg.dit
-        super().__init__(stage=STAGE, kind="DiT", index=group_index, actor_cls=DiTRankActor,
+        super().__init__(stage=STAGE, kind="DiT", index=group_index, actor_cls=actor_cls,
                          world_size=dit.world_size, num_cpus=dit.num_cpus, num_gpus=dit.num_gpus,
                          device=cfg.actor_device(dit.num_gpus), init_timeout_s=dit.init_timeout_s, section="dit",
-                         timeout_key="dit.init_timeout_s")
+                         fault_grace_s=dit.fault_grace_s, health_timeout_s=dit.health_check_timeout_s)
 
     async def _rank_args(self) -> tuple[Any, ...]:
         """(model folder, dtype, device, layout degrees), with the layout resolved and validated first."""
@@ -241,7 +253,7 @@ class DiTGroup(RankGroup):
                 None if latents is None else ray.put(latents)]
         refs = [r.start.remote(job_id, dict(params), *args) for r in self._ranks]
         try:
-            totals = await self._gather(refs, f"start({job_id})")
+            totals = await self._gather(refs, f"start({job_id})", **self._budget(1))
         except StageActorDied:
             raise
         except Exception:
@@ -252,13 +264,14 @@ class DiTGroup(RankGroup):
     async def run_steps(self, job_id: str, max_steps: int) -> dict[str, Any]:
         """Advance the job by up to max_steps on all ranks; rank 0's {"step", "total", "done", "step_times"}."""
         self._check_usable()
-        refs = [r.run_steps.remote(job_id, max_steps) for r in self._ranks]
-        return (await self._gather(refs, f"run_steps({job_id})"))[0]
+        streams = [r.run_steps.remote(job_id, max_steps) for r in self._ranks]
+        return (await self._gather(streams, f"run_steps({job_id})", **self._budget(max_steps)))[0]
 
     async def result(self, job_id: str) -> np.ndarray:
         """The finished job's latents (C, F', H', W') float32 from rank 0; the job is dropped on every rank."""
         self._check_usable()
-        (latents,) = await self._gather([self._ranks[0].result.remote(job_id)], f"result({job_id})")
+        (latents,) = await self._gather([self._ranks[0].result.remote(job_id)], f"result({job_id})",
+                                        **self._budget(1))
         await self._drop_everywhere(job_id, first_rank=1)
         return latents
 
@@ -275,7 +288,13 @@ class DiTGroup(RankGroup):
 
     # ---- fan-out ------------------------------------------------------------------------------
 
+    def _budget(self, steps: int) -> dict[str, Any]:
+        """The time a call covering `steps` denoising steps may take before the group counts as hung."""
+        return {"budget_s": steps * self.cfg.dit.step_timeout_s,
+                "budget_key": f"{steps} x dit.step_timeout_s" if steps > 1 else "dit.step_timeout_s"}
+
     async def _drop_everywhere(self, job_id: str, first_rank: int = 0) -> None:
         targets = self._ranks[first_rank:]
         if targets:
-            await self._gather([r.drop.remote(job_id) for r in targets], f"drop({job_id})", first_rank)
+            await self._gather([r.drop.remote(job_id) for r in targets], f"drop({job_id})", first_rank,
+                               **self._budget(1))

@@ -6,6 +6,14 @@ denoising and decoding of different jobs run at the same time on different pools
 is dispatched in chunks of steps: between chunks the engine publishes progress, honours
 cancellation (all ranks of a group stop at the same step) and lets higher-priority jobs in.
 
+Faults: a stage call that raises StageActorDied (an actor or rank died, a rank's error stranded
+its group, a call hung) is retried up to scheduler.max_attempts while the pool or group is
+rebuilt. One health loop per stage pings every actor and rank every `health_check_period_s`,
+so a dead idle actor is replaced without waiting for a job, and `snapshot()` (served as /readyz)
+reports each stage as "ok" or names what is rebuilding. Job-store writes (fsynced) run in a
+thread, one at a time in the order issued, so a slow disk never stalls the loop; the engine
+serves the records of the jobs it is running from memory (`status`).
+
 Used by the Serve ingress (serve_app.py) and by the batch runner (actors/batch.py).
 """
 
@@ -16,7 +24,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Mapping, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol
 
 import numpy as np
 
@@ -37,6 +45,9 @@ from stages.params import GenerationParams, ResolvedParams
 logger = logging.getLogger(__name__)
 
 __all__ = ["EngineMetrics", "JobNotFound", "QueueFull", "StageEngine"]
+
+RECENT_RECORDS = 1000
+"""Finished jobs whose last record `status()` keeps serving from memory (older ones come from the store)."""
 
 
 class JobNotFound(KeyError):
@@ -99,14 +110,12 @@ class StageEngine:
         model = str(self.model_path)
         te, vae = cfg.text_encoder, cfg.vae
         self.text_pool = StagePool("text_encode", TextEncoderActor,
-                                   (model, cfg.dtype, cfg.actor_device(te.num_gpus)), {}, te,
-                                   init_timeout_s=cfg.dit.init_timeout_s)
+                                   (model, cfg.dtype, cfg.actor_device(te.num_gpus)), {}, te, "text_encoder")
         # vae.patch_parallel > 1: each decode replica is a group of ranks that decode strips (same interface).
         self.vae_pool: StagePool | GroupPool = (
             GroupPool("decode", [VAEGroup(cfg, i, model=model) for i in range(vae.replicas)])
             if vae.patch_parallel > 1 else
-            StagePool("decode", VAEDecoderActor, (model, cfg.actor_device(vae.num_gpus)), {}, vae,
-                      init_timeout_s=cfg.dit.init_timeout_s))
+            StagePool("decode", VAEDecoderActor, (model, cfg.actor_device(vae.num_gpus)), {}, vae, "vae"))
         logger.info("decode pool: %d replicas, %s", vae.replicas,
                     f"each a patch-parallel group of {vae.patch_parallel} VAE ranks" if vae.patch_parallel > 1
                     else "each one VAE actor")
@@ -119,21 +128,32 @@ class StageEngine:
         self._changed: asyncio.Condition | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._dit_busy: set[int] = set()  # DiT groups running a call for a job right now
+        self._dit_rebuilds: dict[int, asyncio.Task[None]] = {}  # the one rebuild under way per DiT group
+        self._store_lock: asyncio.Lock | None = None  # one store write at a time, in the order issued
+        self._accepting = 0  # submits whose record is being written (they hold a queue place already)
+        self._records: dict[str, JobRecord] = {}  # latest record of each job written here (unfinished + recent)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Start every pool and group (concurrently), recover unfinished jobs, start the workers."""
         self._changed = asyncio.Condition()
+        self._store_lock = asyncio.Lock()
         await self.store.take_ownership(self.cfg.job_store_lock_timeout_s)  # one engine per store at a time
         started = time.perf_counter()
         await asyncio.gather(self.text_pool.start(), self.vae_pool.start(), *(g.start() for g in self.dit_groups))
         logger.info("stage pools ready in %.1f s (text %d, DiT %d x %d ranks, VAE %d x %d ranks)",
                     time.perf_counter() - started, self.text_pool.size, len(self.dit_groups),
                     self.cfg.dit.world_size, self.vae_pool.size, self.cfg.vae.patch_parallel)
-        self._recover()
+        await self._recover()
         workers = [self._encode_worker() for _ in range(self.text_pool.size)]
         workers += [self._denoise_worker(i) for i in range(len(self.dit_groups))]
         workers += [self._decode_worker() for _ in range(self.vae_pool.size)]
+        cfg = self.cfg
+        workers += [self._health_loop("text_encode", self.text_pool.check_health,
+                                      cfg.text_encoder.health_check_period_s),
+                    self._health_loop("denoise", self._check_dit_groups, cfg.dit.health_check_period_s),
+                    self._health_loop("decode", self.vae_pool.check_health, cfg.vae.health_check_period_s)]
         self._workers = [asyncio.create_task(w) for w in workers]
         self.ready = True
         await self._notify()
@@ -143,24 +163,27 @@ class StageEngine:
         self._stopping = True
         for task in self._workers:
             task.cancel()
-        if self._workers:
-            await asyncio.wait(self._workers, timeout=10)
+        for task in self._dit_rebuilds.values():
+            task.cancel()
+        if self._workers or self._dit_rebuilds:
+            await asyncio.wait([*self._workers, *self._dit_rebuilds.values()], timeout=10)
         await asyncio.gather(self.text_pool.shutdown(), self.vae_pool.shutdown(),
                              *(g.shutdown() for g in self.dit_groups), return_exceptions=True)
         self.store.release_ownership()
 
-    def _recover(self) -> None:
+    async def _recover(self) -> None:
         """Jobs a previous run accepted but did not finish: re-queue them, or fail them with the reason."""
-        for record in self.store.unfinished():
+        for record in await asyncio.to_thread(self.store.unfinished):
             if not self.cfg.resume_unfinished:
-                self._fail(record.id, "the service restarted before this job finished (resume_unfinished is off)")
+                await self._fail(record.id, "the service restarted before this job finished (resume_unfinished "
+                                            "is off)")
                 continue
             try:
                 self.scheduler.submit(record.id, record.priority)
             except QueueFull:
-                self._fail(record.id, "the service restarted and its queue was full; submit the job again")
+                await self._fail(record.id, "the service restarted and its queue was full; submit the job again")
                 continue
-            self.store.update(record.id, status="queued", step=0)
+            await self._store(self.store.update, record.id, status="queued", step=0)
             logger.info("resumed unfinished job %s (was %s)", record.id, record.status)
 
     # ------------------------------------------------------------------ public API
@@ -174,9 +197,16 @@ class StageEngine:
                      key: str | None = None) -> JobRecord:
         """Accept a job (recorded durably before this returns) or raise QueueFull / ValidationError."""
         resolved = self.resolve(params)
-        if self.scheduler.pending >= self.cfg.scheduler.max_pending_jobs:
-            raise QueueFull(self.scheduler.pending, self.cfg.scheduler.max_pending_jobs)
-        record = self.store.create(resolved.model_dump(), kind=kind, priority=priority, key=key)
+        pending = self.scheduler.pending + self._accepting  # count the submits still writing their record
+        if pending >= self.cfg.scheduler.max_pending_jobs:
+            raise QueueFull(pending, self.cfg.scheduler.max_pending_jobs)
+        # durable before we answer "accepted"; the write runs in a thread, so the loop serves others meanwhile
+        self._accepting += 1
+        try:
+            record = await self._store(self.store.create, resolved.model_dump(), kind=kind, priority=priority,
+                                       key=key)
+        finally:
+            self._accepting -= 1
         self.scheduler.submit(record.id, priority)
         self._publish(record)
         await self._notify()
@@ -189,7 +219,8 @@ class StageEngine:
         return await self.wait(record.id, timeout_s)
 
     def status(self, job_id: str) -> JobRecord:
-        record = self.store.get(job_id)
+        """The job's latest record: from memory for the jobs this engine runs, else from the store."""
+        record = self._records.get(job_id) or self.store.get(job_id)
         if record is None:
             raise JobNotFound(job_id)
         return record
@@ -211,7 +242,7 @@ class StageEngine:
             owner = self._owner.get(job_id)
             if owner is not None:  # cancelled between chunks: free its state in the DiT group
                 await self.dit_groups[owner].drop(job_id)
-            self._finish(job_id, "cancelled")
+            await self._finish(job_id, "cancelled")
         await self._notify()
         return self.status(job_id)
 
@@ -224,6 +255,7 @@ class StageEngine:
             if path:
                 Path(path).unlink(missing_ok=True)
         self.store.delete(job_id)
+        self._records.pop(job_id, None)
 
     async def events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
         """The job's current state, then every change (stage, denoising step) until it is final."""
@@ -243,8 +275,12 @@ class StageEngine:
                     self._subscribers.pop(job_id, None)
 
     def snapshot(self) -> dict[str, Any]:
-        return {"ready": self.ready, "queues": self.scheduler.snapshot(), "model": str(self.model_path),
-                "preset": self.preset.name}
+        """Readiness (/readyz): ready only while the engine runs and every stage is "ok"; "stages" names the
+        actors or groups that are not (e.g. {"denoise": {"group 0": "rebuilding"}}), as of the last health check."""
+        stages = {"text_encode": self.text_pool.health(), "denoise": self._dit_health(),
+                  "decode": self.vae_pool.health()}
+        return {"ready": self.ready and all(state == "ok" for state in stages.values()), "stages": stages,
+                "queues": self.scheduler.snapshot(), "model": str(self.model_path), "preset": self.preset.name}
 
     # ------------------------------------------------------------------ bookkeeping
     @staticmethod
@@ -257,39 +293,56 @@ class StageEngine:
         for queue in self._subscribers.get(record.id, ()):
             queue.put_nowait(event)
 
-    def _update(self, job_id: str, **fields: Any) -> JobRecord:
-        record = self.store.update(job_id, **fields)
+    async def _store(self, write: Callable[..., JobRecord], *args: Any, **kwargs: Any) -> JobRecord:
+        """Run one job-store write (create / update / mark_stage) in a thread and keep its record in memory.
+
+        The store fsyncs every commit, so on the loop a slow disk would stall every job; the lock
+        (FIFO) runs the writes one at a time in the order they were issued, so a job's updates
+        land in order.
+        """
+        assert self._store_lock is not None, "start() the engine first"
+        async with self._store_lock:
+            record = await asyncio.to_thread(write, *args, **kwargs)
+        self._records.pop(record.id, None)  # re-insert: the dict stays ordered by last write
+        self._records[record.id] = record
+        finished = [j for j, r in self._records.items() if r.done]
+        for old in finished[:max(0, len(finished) - RECENT_RECORDS)]:
+            del self._records[old]
+        return record
+
+    async def _update(self, job_id: str, **fields: Any) -> JobRecord:
+        record = await self._store(self.store.update, job_id, **fields)
         self._publish(record)
         return record
 
-    def _stage_started(self, job_id: str, stage: str, status: str) -> None:
-        self.store.mark_stage(job_id, stage, start=True)
-        self._update(job_id, status=status)
+    async def _stage_started(self, job_id: str, stage: str, status: str) -> None:
+        await self._store(self.store.mark_stage, job_id, stage, start=True)
+        await self._update(job_id, status=status)
 
-    def _stage_finished(self, job_id: str, stage: str) -> None:
-        start, end = self.store.mark_stage(job_id, stage, start=False).stage_times[stage]
-        self.store.update(job_id, timings={stage: end - start})
+    async def _stage_finished(self, job_id: str, stage: str) -> None:
+        start, end = (await self._store(self.store.mark_stage, job_id, stage, start=False)).stage_times[stage]
+        await self._store(self.store.update, job_id, timings={stage: end - start})
         self.metrics.stage_latency(stage, end - start)
 
-    def _finish(self, job_id: str, status: str, **fields: Any) -> None:
+    async def _finish(self, job_id: str, status: str, **fields: Any) -> None:
         self.scheduler.finish(job_id)
         self._embeddings.pop(job_id, None)
         self._latents.pop(job_id, None)
         self._owner.pop(job_id, None)
-        self._update(job_id, status=status, **fields)
+        await self._update(job_id, status=status, **fields)
         self.metrics.job_finished(status)
 
-    def _fail(self, job_id: str, error: str) -> None:
+    async def _fail(self, job_id: str, error: str) -> None:
         logger.warning("job %s failed: %s", job_id, error)
-        self._finish(job_id, "failed", error=error)
+        await self._finish(job_id, "failed", error=error)
 
-    def _retry_or_fail(self, job_id: str, stage: str, exc: StageActorDied) -> None:
+    async def _retry_or_fail(self, job_id: str, stage: str, exc: StageActorDied) -> None:
         attempts = self.status(job_id).attempts + 1
         if attempts >= self.cfg.scheduler.max_attempts:
-            self._fail(job_id, f"{exc} (gave up after {attempts} attempts)")
+            await self._fail(job_id, f"{exc} (gave up after {attempts} attempts)")
             return
         logger.warning("job %s: %s; retrying %s (attempt %d)", job_id, exc, stage, attempts + 1)
-        self.store.update(job_id, attempts=attempts)
+        await self._store(self.store.update, job_id, attempts=attempts)
         self.scheduler.retry(job_id, stage)
 
     async def _notify(self) -> None:
@@ -324,22 +377,22 @@ class StageEngine:
     async def _encode(self, batch: list[str]) -> None:
         params = {job_id: self._params(job_id) for job_id in batch}
         for job_id in batch:
-            self._stage_started(job_id, "text_encode", "encoding")
+            await self._stage_started(job_id, "text_encode", "encoding")
         requests = [(p.prompt, p.negative_prompt if p.guided else None) for p in params.values()]
         try:
             outputs = await self.text_pool.call("encode", requests)
         except StageActorDied as exc:
             for job_id in batch:
-                self._retry_or_fail(job_id, "encode", exc)
+                await self._retry_or_fail(job_id, "encode", exc)
             return
         except Exception as exc:  # noqa: BLE001 - the job fails with the reason, the service goes on
             for job_id in batch:
-                self._fail(job_id, f"text encoding failed: {exc}")
+                await self._fail(job_id, f"text encoding failed: {exc}")
             return
         for job_id, (positive, negative) in zip(batch, outputs):
-            self._stage_finished(job_id, "text_encode")
+            await self._stage_finished(job_id, "text_encode")
             if self.scheduler.is_cancelled(job_id):
-                self._finish(job_id, "cancelled")
+                await self._finish(job_id, "cancelled")
                 continue
             self._embeddings[job_id] = _Embeddings(positive, negative)
             self.scheduler.encoded(job_id)
@@ -347,12 +400,20 @@ class StageEngine:
     async def _denoise_worker(self, group_index: int) -> None:
         group = self.dit_groups[group_index]
         while not self._stopping:
+            rebuild = self._dit_rebuilds.get(group_index)
+            if rebuild is not None:
+                await asyncio.wait([rebuild])  # not `await rebuild`: cancelling this worker must not cancel it
+                continue
             job_id = self.scheduler.take_denoise(
-                lambda j: self._owner.get(j, group_index) == group_index)
-            if job_id is None:
+                lambda j: self._owner.get(j, group_index) == group_index) if group.running else None
+            if job_id is None:  # no work, or the group is down until the health check rebuilds it
                 await self._wait_for_work()
                 continue
-            await self._denoise_chunk(group_index, group, job_id)
+            self._dit_busy.add(group_index)
+            try:
+                await self._denoise_chunk(group_index, group, job_id)
+            finally:
+                self._dit_busy.discard(group_index)
             await self._notify()
 
     async def _denoise_chunk(self, group_index: int, group: DiTGroup, job_id: str) -> None:
@@ -360,43 +421,93 @@ class StageEngine:
             if self.scheduler.is_cancelled(job_id):
                 if job_id in self._owner:
                     await group.drop(job_id)
-                self._finish(job_id, "cancelled")
+                await self._finish(job_id, "cancelled")
                 return
             if job_id not in self._owner:
                 embeddings = self._embeddings[job_id]
                 total = await group.begin(job_id, self._params(job_id).model_dump(), embeddings.positive,
                                           embeddings.negative)
                 self._owner[job_id] = group_index
-                self._stage_started(job_id, "denoise", "denoising")
-                self._update(job_id, step=0, total_steps=total)
+                await self._stage_started(job_id, "denoise", "denoising")
+                await self._update(job_id, step=0, total_steps=total)
             out = await group.run_steps(job_id, self.cfg.dit.chunk_steps)
             self.metrics.denoise_steps(len(out["step_times"]))
-            self._update(job_id, step=out["step"], total_steps=out["total"])
+            await self._update(job_id, step=out["step"], total_steps=out["total"])
             if not out["done"]:
                 self.scheduler.chunk_done(job_id, finished=False)
                 return
             self._latents[job_id] = await group.result(job_id)
             self._owner.pop(job_id, None)
-            self._stage_finished(job_id, "denoise")
+            await self._stage_finished(job_id, "denoise")
             self.scheduler.chunk_done(job_id, finished=True)
         except StageActorDied as exc:
             self._owner.pop(job_id, None)
-            self._retry_or_fail(job_id, "denoise", exc)
-            # every job whose state lived in this group is lost with it: restart their denoising
-            for other, owner in list(self._owner.items()):
-                if owner == group_index:
-                    self._owner.pop(other)
-            await self._restart_group(group)
+            await self._retry_or_fail(job_id, "denoise", exc)
+            self._rebuild_dit(group_index)  # the worker waits for it before taking the next job
         except Exception as exc:  # noqa: BLE001
             self._owner.pop(job_id, None)
-            self._fail(job_id, f"denoising failed: {exc}")
+            await self._fail(job_id, f"denoising failed: {exc}")
             await group.drop(job_id)
 
-    async def _restart_group(self, group: DiTGroup) -> None:
+    def _rebuild_dit(self, group_index: int) -> asyncio.Task[None]:
+        """Start rebuilding DiT group `group_index`, unless a rebuild is already under way; returns it.
+
+        Every job whose denoising state lived in the group is lost with it: those waiting between
+        chunks start their denoising afresh on whichever group takes them next.
+        """
+        task = self._dit_rebuilds.get(group_index)
+        if task is not None:
+            return task
+        for job_id, owner in list(self._owner.items()):
+            if owner == group_index:
+                self._owner.pop(job_id)
+        task = asyncio.create_task(self._restart_group(group_index))
+        self._dit_rebuilds[group_index] = task
+        task.add_done_callback(lambda _: self._dit_rebuilds.pop(group_index, None))
+        return task
+
+    async def _restart_group(self, group_index: int) -> None:
         try:
-            await group.restart()
-        except Exception:  # noqa: BLE001 - keep serving on the other groups; retried on the next job
-            logger.exception("rebuilding DiT group failed")
+            await self.dit_groups[group_index].restart()
+            logger.info("DiT group %d rebuilt", group_index)
+        except Exception:  # noqa: BLE001 - keep serving on the other groups; the health check tries again
+            logger.exception("rebuilding DiT group %d failed; the health check will try again", group_index)
+        await self._notify()
+
+    # ------------------------------------------------------------------ health
+    async def _health_loop(self, stage: str, check: Callable[[], Awaitable[None]], period_s: float) -> None:
+        """Run one stage's health check every period_s until shutdown; a failing check is logged, not fatal."""
+        while not self._stopping:
+            await asyncio.sleep(period_s)
+            try:
+                await check()
+            except Exception:  # noqa: BLE001 - the next round tries again
+                logger.exception("%s health check failed", stage)
+
+    async def _check_dit_groups(self) -> None:
+        """Ping every rank of every DiT group; rebuild a group that is broken or down unless a job's call is
+        running on it (that call fails on the killed ranks and the worker rebuilds the group)."""
+        async def check(index: int, group: DiTGroup) -> None:
+            if index in self._dit_rebuilds or (group.running and await group.ping()):
+                return
+            if index not in self._dit_busy and index not in self._dit_rebuilds:
+                logger.warning("health check: DiT group %d is %s; rebuilding it", index,
+                               f"broken ({group.broken_reason})" if group.broken else "down")
+                self._rebuild_dit(index)
+
+        await asyncio.gather(*(check(i, g) for i, g in enumerate(self.dit_groups)))
+
+    def _dit_health(self) -> str | dict[str, str]:
+        """"ok", or {"group <i>": "rebuilding" | "broken" | "down"} for the DiT groups that cannot serve."""
+        trouble = {}
+        for index, group in enumerate(self.dit_groups):
+            if index in self._dit_rebuilds:
+                trouble[f"group {index}"] = "rebuilding"
+            elif group.broken:
+                trouble[f"group {index}"] = "broken"
+            elif not group.running:
+                trouble[f"group {index}"] = "down"
+        return trouble or "ok"
 
     async def _decode_worker(self) -> None:
         while not self._stopping:
@@ -410,7 +521,7 @@ class StageEngine:
     async def _decode(self, job_id: str) -> None:
         params = self._params(job_id)
         record = self.status(job_id)
-        self._stage_started(job_id, "decode", "decoding")
+        await self._stage_started(job_id, "decode", "decoding")
         path = self.output_dir.resolve() / f"{job_id}{output_suffix(params.num_frames)}"
         sidecar = {"id": job_id, "model": str(self.model_path), "preset": self.preset.name,
                    "params": params.model_dump(), "created_at": record.created_at,
@@ -418,10 +529,10 @@ class StageEngine:
         try:
             result = await self.vae_pool.call("decode", self._latents[job_id], str(path), params.fps, sidecar)
         except StageActorDied as exc:
-            self._retry_or_fail(job_id, "decode", exc)
+            await self._retry_or_fail(job_id, "decode", exc)
             return
         except Exception as exc:  # noqa: BLE001
-            self._fail(job_id, f"decoding failed: {exc}")
+            await self._fail(job_id, f"decoding failed: {exc}")
             return
-        self._stage_finished(job_id, "decode")
-        self._finish(job_id, "succeeded", result_path=result["path"], sidecar_path=result["sidecar"])
+        await self._stage_finished(job_id, "decode")
+        await self._finish(job_id, "succeeded", result_path=result["path"], sidecar_path=result["sidecar"])

@@ -7,6 +7,12 @@ actor lands in the bundle its predecessor left. Calls wait for an idle actor in 
 the background and takes the slot when it answers `ping`. Every other exception from the
 stage is passed through untouched.
 
+A call that outlives `cfg.call_timeout_s` counts as a hang: the actor is killed and replaced
+like a dead one. `check_health()` (run periodically by the engine) pings every actor in its own
+concurrency group (HEALTH_GROUP), so a busy actor answers too; a dead or silent actor is killed,
+and if it was idle it is replaced at once, without waiting for a job to find it. `health()`
+says which slots are not serving ("replacing", or "down" when a replacement failed to load).
+
 `GroupPool` offers the same interface over replicas that are rank groups (a patch-parallel VAE
 decode replica is a group of ranks); both draw replicas through `IdleSlots`, the FIFO logic.
 `reserve_placement_group` and `bundle_resources` are shared with the rank groups (rank_group.py).
@@ -29,6 +35,9 @@ from actors.config import PoolConfig
 from actors.errors import StageActorDied, StageStartError, first_line, is_actor_death
 
 logger = logging.getLogger(__name__)
+
+HEALTH_GROUP = "health"
+"""Concurrency group of `ping` on every stage and rank actor, so a health check is answered while a long call runs."""
 
 
 def bundle_resources(num_cpus: float, num_gpus: float, stage: str) -> dict[str, float]:
@@ -117,6 +126,13 @@ class IdleSlots:
         """Slots free right now."""
         return len(self._idle)
 
+    def take(self, index: int) -> bool:
+        """Take slot `index` out of the idle set if it is idle (the health check repairing it); else False."""
+        if index in self._idle:
+            self._idle.remove(index)
+            return True
+        return False
+
     async def acquire(self) -> int:
         """A free slot's index, waiting behind earlier callers when none is free."""
         if self._idle and not self._waiters:
@@ -157,20 +173,27 @@ class StagePool:
     """N identical actors of one stage (cfg.replicas), each in its own bundle of one PACK placement group."""
 
     def __init__(self, name: str, actor_cls: type, actor_args: tuple = (), actor_kwargs: dict[str, Any] | None = None,
-                 cfg: PoolConfig = PoolConfig(), init_timeout_s: float = 120.0) -> None:
-        """name: the stage ("text_encode", "decode"), used in errors and logs; actor_cls: a plain class with ping()."""
+                 cfg: PoolConfig = PoolConfig(), section: str = "") -> None:
+        """name: the stage ("text_encode", "decode"), used in errors and logs; actor_cls: a plain class with ping().
+
+        cfg: replicas and resources, plus the start-up, call and health-check timeouts; section: where cfg
+        sits in the service config ("text_encoder", "vae"), so errors name the key to raise.
+        """
         self.name = name
+        self._prefix = f"{section}." if section else ""
         self._actor_cls = actor_cls
-        self._remote_cls = ray.remote(actor_cls)
+        # ping gets its own thread (concurrency group) so a health check is answered during a long call.
+        self._remote_cls = ray.remote(concurrency_groups={HEALTH_GROUP: 1})(actor_cls)
         self._args = tuple(actor_args)
         self._kwargs = dict(actor_kwargs or {})
         self._cfg = cfg
         self._bundle = bundle_resources(cfg.num_cpus, cfg.num_gpus, name)
-        self._init_timeout_s = init_timeout_s
+        self._init_timeout_s = cfg.init_timeout_s
         self._pg: PlacementGroup | None = None
         self._actors: list[ActorHandle | None] = []
         self._slots = IdleSlots(name)
         self._replacing: set[asyncio.Task[None]] = set()
+        self._trouble: dict[int, str] = {}  # slot -> "replacing" / "down"; healthy slots are absent
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -193,6 +216,11 @@ class StagePool:
         """The current actor of each slot (None while a replacement could not be started); for tests and metrics."""
         return list(self._actors)
 
+    def health(self) -> str | dict[str, str]:
+        """"ok" when every slot has a loaded actor, else {"actor <i>": "replacing" | "down"} for the others."""
+        if self._pg is None:
+            return "down"
+        return {f"actor {i}": state for i, state in sorted(self._trouble.items())} or "ok"
     async def start(self) -> None:
         """Reserve the placement group, spawn the actors and wait until every one has loaded its weights."""
         if self._pg is not None or self._slots.closed:
@@ -225,11 +253,16 @@ class StagePool:
             actor = self._actors[index]
             if actor is None:  # an earlier replacement failed to load: try once more now
                 actor = await self._respawn(index)
-            result = await getattr(actor, method).remote(*args, **kwargs)
+            result = await asyncio.wait_for(getattr(actor, method).remote(*args, **kwargs),
+                                            self._cfg.call_timeout_s)
         except BaseException as exc:
-            if not is_actor_death(exc):
+            if isinstance(exc, asyncio.TimeoutError):
+                detail = (f"actor {index} ({self._actor_cls.__name__}) did not finish {method}() within "
+                          f"{self._cfg.call_timeout_s:g} s ({self._prefix}call_timeout_s) and is treated as hung")
+            elif is_actor_death(exc):
+                detail = f"actor {index} ({self._actor_cls.__name__}) died during {method}(): {first_line(exc)}"
+            else:
                 raise
-            detail = f"actor {index} ({self._actor_cls.__name__}) died during {method}(): {first_line(exc)}"
             logger.warning("%s pool: %s; replacing it", self.name, detail)
             self._replace_in_background(index)
             handed_over = True
@@ -238,6 +271,37 @@ class StagePool:
             if not handed_over:
                 self._slots.release(index)
         return result
+
+    async def check_health(self) -> None:
+        """Ping every actor in its health thread; kill dead or silent ones and replace the idle ones now.
+
+        A busy actor that is killed here fails its call, which replaces it (`call`); a slot whose
+        replacement failed to load is retried here when idle, so the pool heals without traffic.
+        """
+        if self._pg is None or self._slots.closed:
+            return
+        checked = [(i, a) for i, a in enumerate(self._actors) if i not in self._trouble or a is None]
+        verdicts = await asyncio.gather(*(self._probe(a) for _, a in checked))
+        for (index, actor), verdict in zip(checked, verdicts):
+            if verdict is None:
+                continue
+            logger.warning("%s pool: health check: actor %d %s", self.name, index, verdict)
+            kill_quietly(actor)
+            if self._slots.take(index):
+                self._replace_in_background(index)
+
+    async def _probe(self, actor: ActorHandle | None) -> str | None:
+        """None if the actor answers ping in time, else why not."""
+        if actor is None:
+            return "is missing (its replacement failed to load)"
+        timeout = self._cfg.health_check_timeout_s
+        try:
+            await asyncio.wait_for(actor.ping.options(concurrency_group=HEALTH_GROUP).remote(), timeout)
+        except asyncio.TimeoutError:
+            return f"did not answer ping within {timeout:g} s ({self._prefix}health_check_timeout_s)"
+        except Exception as exc:  # noqa: BLE001  # anything but an answer means the actor cannot serve
+            return f"is dead: {first_line(exc)}" if is_actor_death(exc) else f"ping raised: {first_line(exc)}"
+        return None
 
     async def shutdown(self) -> None:
         """Kill every actor and release the placement group; waiting calls fail with RuntimeError."""
@@ -282,13 +346,14 @@ class StagePool:
             await asyncio.wait_for(asyncio.gather(*(one(i, a) for i, a in pending)), self._init_timeout_s)
         except asyncio.TimeoutError:
             raise StageStartError(self.name, f"actors {[i for i, _ in pending]} did not answer ping within "
-                                             f"{self._init_timeout_s:g} s (still loading weights? raise the "
-                                             f"init timeout)") from None
+                                             f"{self._init_timeout_s:g} s (still loading weights? raise "
+                                             f"{self._prefix}init_timeout_s)") from None
 
     async def _respawn(self, index: int) -> ActorHandle:
         """Start a fresh actor in slot `index` and wait until it is ready (StageActorDied if it cannot)."""
         kill_quietly(self._actors[index])
         self._actors[index] = actor = self._spawn(index)
+        self._trouble[index] = "replacing"
         try:
             await self._wait_ready([(index, actor)])
         except asyncio.CancelledError:
@@ -296,7 +361,9 @@ class StagePool:
         except Exception as exc:
             kill_quietly(actor)
             self._actors[index] = None
+            self._trouble[index] = "down"
             raise StageActorDied(self.name, f"replacement for actor {index} failed to start: {exc}") from exc
+        self._trouble.pop(index, None)
         return actor
 
     def _replace_in_background(self, index: int) -> None:
@@ -309,8 +376,10 @@ class StagePool:
         except Exception as exc:  # noqa: BLE001  # e.g. the placement group is gone; the next draw retries
             logger.error("%s pool: could not spawn a replacement for actor %d: %s", self.name, index, exc)
             self._actors[index] = None
+            self._trouble[index] = "down"
             self._slots.release(index)
             return
+        self._trouble[index] = "replacing"
         task = asyncio.get_running_loop().create_task(self._finish_replacement(index))
         self._replacing.add(task)
         task.add_done_callback(self._replacing.discard)
@@ -318,6 +387,7 @@ class StagePool:
     async def _finish_replacement(self, index: int) -> None:
         try:
             await self._wait_ready([(index, self._actors[index])])
+            self._trouble.pop(index, None)
             logger.info("%s pool: actor %d replaced", self.name, index)
         except asyncio.CancelledError:
             raise
@@ -325,6 +395,7 @@ class StagePool:
             logger.error("%s pool: replacement for actor %d failed to start: %s", self.name, index, exc)
             kill_quietly(self._actors[index])
             self._actors[index] = None
+            self._trouble[index] = "down"
         finally:
             self._slots.release(index)
 
@@ -341,6 +412,7 @@ class ReplicaGroup(Protocol):
     async def start(self) -> None: ...
     async def restart(self) -> None: ...
     async def shutdown(self) -> None: ...
+    async def ping(self) -> bool: ...
 
 
 class GroupPool:
@@ -351,7 +423,8 @@ class GroupPool:
     which is passed on at once while the whole group restarts in the background (a rank cannot rejoin
     a process group) and its slot returns once the group is up again; if that restart fails, the next
     call drawing the slot tries once more and raises StageActorDied if it fails too. Every other
-    exception from the group is passed through untouched.
+    exception from the group is passed through untouched. `check_health()` pings every group (a
+    dead or silent rank breaks it) and rebuilds the idle broken or stopped ones at once.
     """
 
     def __init__(self, name: str, groups: Sequence[ReplicaGroup]) -> None:
@@ -362,6 +435,7 @@ class GroupPool:
         self._groups = list(groups)
         self._slots = IdleSlots(name)
         self._restarting: set[asyncio.Task[None]] = set()
+        self._rebuilding: set[int] = set()  # slots whose group is being rebuilt in the background
         self._started = False
 
     @property
@@ -378,6 +452,34 @@ class GroupPool:
     def groups(self) -> list[ReplicaGroup]:
         """The group of each slot (for tests and diagnostics)."""
         return list(self._groups)
+
+    def health(self) -> str | dict[str, str]:
+        """"ok" when every group is running, else {"<group label>": "rebuilding" | "broken" | "down"} for the others."""
+        if not self._started or self._slots.closed:
+            return "down"
+        trouble = {}
+        for index, group in enumerate(self._groups):
+            if index in self._rebuilding:
+                trouble[group.label] = "rebuilding"
+            elif group.broken:
+                trouble[group.label] = "broken"
+            elif not group.running:
+                trouble[group.label] = "down"
+        return trouble or "ok"
+
+    async def check_health(self) -> None:
+        """Ping every group that is not being rebuilt (a dead or silent rank breaks it); rebuild the idle
+        broken or stopped groups now. A busy broken group fails its call, which rebuilds it (`call`)."""
+        if not self._started or self._slots.closed:
+            return
+        checked = [i for i in range(self.size) if i not in self._rebuilding]
+        await asyncio.gather(*(self._groups[i].ping() for i in checked if self._groups[i].running))
+        for index in checked:
+            group = self._groups[index]
+            if not group.running and self._slots.take(index):
+                logger.warning("%s pool: health check found %s %s; rebuilding it", self.name, group.label,
+                               "broken" if group.broken else "stopped")
+                self._rebuild_in_background(index)
 
     async def start(self) -> None:
         """Start every group concurrently; if one fails, stop them all and raise its error."""
@@ -415,9 +517,7 @@ class GroupPool:
                 self._slots.release(index)
                 raise
             logger.warning("%s pool: %s; rebuilding %s", self.name, exc.detail, group.label)
-            task = asyncio.get_running_loop().create_task(self._restart_in_background(index))
-            self._restarting.add(task)
-            task.add_done_callback(self._restarting.discard)
+            self._rebuild_in_background(index)
             raise
         except BaseException:
             self._slots.release(index)
@@ -442,6 +542,13 @@ class GroupPool:
         except Exception as exc:
             raise StageActorDied(self.name, f"{group.label} could not be rebuilt: {first_line(exc)}") from exc
 
+    def _rebuild_in_background(self, index: int) -> None:
+        """Restart slot `index`'s group in a task; the slot (held by the caller) is released when it ends."""
+        self._rebuilding.add(index)
+        task = asyncio.get_running_loop().create_task(self._restart_in_background(index))
+        self._restarting.add(task)
+        task.add_done_callback(self._restarting.discard)
+
     async def _restart_in_background(self, index: int) -> None:
         group = self._groups[index]
         try:
@@ -452,4 +559,5 @@ class GroupPool:
         except Exception as exc:  # noqa: BLE001  # logged; the next call drawing this slot tries again
             logger.error("%s pool: rebuilding %s failed: %s", self.name, group.label, exc)
         finally:
+            self._rebuilding.discard(index)
             self._slots.release(index)

@@ -14,7 +14,16 @@ what needs the group (a DiT's `ParallelMesh`) in `on_group_ready`.
 Failure is group-wide (docs/design.md, "Rank groups"): a dead rank cannot rejoin a process group, and the
 survivors would block in their next collective until its timeout, so any rank death kills the
 whole group, marks it broken and raises `StageActorDied(stage, ...)`; `restart()` rebuilds it.
-`ping` runs in its own concurrency group, so a health check is answered while a long call runs.
+A Python error on one rank (out of memory on one GPU) strands the others the same way when it
+leaves a collective half-entered, so `_gather` gives the other ranks `fault_grace_s` to finish
+the same call once one rank has failed; ranks still running then are stuck, and the group is
+broken as on a death, with the failed rank, the call and its own error in the message. A call
+that outlives its budget (`call_timeout_s`, or per step for the DiT) breaks the group too: a
+hang without any error. A rank learns of its own failure before the others can (it may then
+wait in a chunk-end check the others never reach), so a rank method may report early: written as
+a generator, it first yields None or its own error's headline, then its result (dit_group.py).
+`ping` runs in its own concurrency group, so a health check is answered while a long call runs;
+a rank that dies or stays silent past `health_check_timeout_s` breaks the group.
 
 GPU ranks: Ray normally masks CUDA_VISIBLE_DEVICES to the rank's own GPU; that per-process masking has
 been reported to keep NCCL off NVLink/P2P and to slow down or hang collectives on some systems
@@ -33,7 +42,7 @@ import logging
 import os
 import time
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import ray
 from ray.actor import ActorHandle
@@ -41,14 +50,19 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.errors import StageActorDied, StageStartError, first_line, is_actor_death
-from actors.pool import bundle_resources, kill_quietly, reserve_placement_group
+from actors.pool import HEALTH_GROUP, bundle_resources, kill_quietly, reserve_placement_group
 from parallel.launch import free_port
 
 logger = logging.getLogger(__name__)
 
-HEALTH_GROUP = "health"
-"""Concurrency group of `ping`, so a health check is answered while a long call is running."""
 GPU_RANK_ENV = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+
+
+def error_headline(exc: BaseException) -> str:
+    """"<type>: <first line>" of a rank's own error, without the remote traceback Ray wraps around it."""
+    cause = getattr(exc, "cause", None)  # a RayTaskError carries the exception the rank raised
+    error = cause if isinstance(cause, BaseException) else exc
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def rank_cuda_device() -> str:
@@ -144,11 +158,12 @@ class RankGroup:
 
     def __init__(self, *, stage: str, kind: str, index: int, actor_cls: type[RankActor], world_size: int,
                  num_cpus: float, num_gpus: float, device: str, init_timeout_s: float, section: str,
-                 timeout_key: str) -> None:
+                 fault_grace_s: float, health_timeout_s: float) -> None:
         """stage: the stage named in StageActorDied / StageStartError ("denoise", "decode"); kind and index name
         the group in logs and errors ("DiT group 0"); device: "cpu" or "cuda" (NCCL then, else gloo);
-        section: the config section that sets the resources ("dit", "vae"); timeout_key: the config key of
-        init_timeout_s.
+        section: the config section that sets the resources and the timeouts ("dit", "vae"), named in errors;
+        fault_grace_s: how long the other ranks may still finish a call after one rank's call raised;
+        health_timeout_s: how long `ping` waits for every rank.
         """
         self.stage = stage
         self.index = index
@@ -162,13 +177,17 @@ class RankGroup:
         self._num_cpus = num_cpus
         self._num_gpus = num_gpus
         self._init_timeout_s = init_timeout_s
-        self._timeout_key = timeout_key
+        self._section = section
+        self._timeout_key = f"{section}.init_timeout_s"
+        self._fault_grace_s = fault_grace_s
+        self._health_timeout_s = health_timeout_s
         self._bundle = bundle_resources(num_cpus, num_gpus, stage)
         self._actor_cls = actor_cls
         # ping gets its own thread (concurrency group) so a health check is answered during a long call.
         self._remote_cls = ray.remote(concurrency_groups={HEALTH_GROUP: 1})(actor_cls)
         self._pg: PlacementGroup | None = None
         self._ranks: list[ActorHandle] = []
+        self._ready = False  # every rank joined the group: set at the end of start(), cleared by teardown
         self._broken: str | None = None
 
     @property
@@ -177,13 +196,18 @@ class RankGroup:
 
     @property
     def broken(self) -> bool:
-        """True after a rank died: every call raises StageActorDied until restart()."""
+        """True after a rank died, stranded the others or hung: every call raises StageActorDied until restart()."""
         return self._broken is not None
 
     @property
+    def broken_reason(self) -> str | None:
+        """Why the group is broken (None when it is not)."""
+        return self._broken
+
+    @property
     def running(self) -> bool:
-        """Started, not broken and not shut down."""
-        return bool(self._ranks) and self._broken is None
+        """Started (every rank in the process group), not broken and not shut down."""
+        return self._ready and bool(self._ranks) and self._broken is None
 
     @property
     def ranks(self) -> list[ActorHandle]:
@@ -234,6 +258,7 @@ class RankGroup:
             await self._teardown()
             raise
         self._broken = None
+        self._ready = True
         extra = self.describe()
         logger.info("%s started: %d ranks%s (%s, %s, bundle %s) in %.1f s", self.label, self.world_size,
                     f", {extra}" if extra else "", self.device, self.backend, self._bundle,
@@ -269,6 +294,7 @@ class RankGroup:
                                               f"({self._timeout_key})") from None
 
     async def _teardown(self) -> None:
+        self._ready = False
         for rank in self._ranks:
             kill_quietly(rank)
         self._ranks = []
@@ -279,17 +305,20 @@ class RankGroup:
 
     # ---- health -------------------------------------------------------------------------------
 
-    async def ping(self, timeout_s: float = 10.0) -> bool:
-        """True when every rank answers in time; a dead rank breaks the group (False). Runs beside a long call."""
-        if self._broken is not None or not self._ranks:
+    async def ping(self, timeout_s: float | None = None) -> bool:
+        """True when every rank answers within timeout_s (None: health_check_timeout_s); runs beside a long call.
+
+        A dead rank, or one that stays silent (hung), breaks the group: False. A group that is not
+        running (starting, broken, stopped) is not pinged: False.
+        """
+        if not self.running:
             return False
+        timeout_s = self._health_timeout_s if timeout_s is None else timeout_s
+        refs = [self._ping_ref(r) for r in self._ranks]
         try:
-            answers = await asyncio.wait_for(self._gather([self._ping_ref(r) for r in self._ranks], "ping"),
-                                             timeout_s)
+            answers = await self._gather(refs, "ping", budget_s=timeout_s,
+                                         budget_key=f"{self._section}.health_check_timeout_s")
         except StageActorDied:
-            return False
-        except asyncio.TimeoutError:
-            logger.warning("%s: ping got no answer within %g s", self.label, timeout_s)
             return False
         return list(answers) == list(range(self.world_size))
 
@@ -304,36 +333,99 @@ class RankGroup:
         if not self._ranks:
             raise RuntimeError(f"{self.label} is not running; call start() first")
 
-    async def _gather(self, refs: list[ray.ObjectRef], what: str, first_rank: int = 0) -> list[Any]:
-        """Await one call per rank (refs[i] went to rank first_rank + i).
+    async def _gather(self, calls: list[ray.ObjectRef | ray.ObjectRefGenerator], what: str, first_rank: int = 0,
+                      budget_s: float | None = None, budget_key: str = "") -> list[Any]:
+        """Await one call per rank (calls[i] went to rank first_rank + i) and return their results.
 
-        The first rank death kills the group and raises StageActorDied at once (survivors would block
-        in their next collective); otherwise the first error in rank order is raised.
+        A call is an ObjectRef, or the ObjectRefGenerator of a rank method that yields None or its own
+        error's headline first, then its result. The group is broken and StageActorDied raised
+        (i) at once when a rank dies, (ii) when one rank has failed and others have not finished
+        fault_grace_s later (they are stuck in a collective the failed rank left), (iii) when the
+        call is not done after budget_s (budget_key names its config key). If every rank finishes,
+        the error of the rank that failed first (its own exception, type kept) is raised, if any.
         """
-        futures = [asyncio.ensure_future(_await(ref)) for ref in refs]
+        loop = asyncio.get_running_loop()
+        failures: dict[int, str] = {}  # rank -> headline of its own error, in the order they became known
+        changed = asyncio.Event()
+
+        def reporter(rank: int) -> Callable[[str], None]:
+            def report(headline: str) -> None:
+                failures.setdefault(rank, headline)
+                changed.set()
+            return report
+
+        futures = [asyncio.ensure_future(_rank_outcome(call, reporter(first_rank + i)))
+                   for i, call in enumerate(calls)]
         for future in futures:  # errors we stop waiting for must not be reported as "never retrieved"
             future.add_done_callback(_consume)
-        pending: set[asyncio.Future[Any]] = set(futures)
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
-            for future in done:
-                exc = future.exception()
+            future.add_done_callback(lambda _: changed.set())
+        deadline = None if budget_s is None else loop.time() + budget_s
+        grace_end: float | None = None
+        while True:
+            for i, future in enumerate(futures):
+                exc = future.exception() if future.done() else None
                 if is_actor_death(exc):
-                    rank = first_rank + futures.index(future)
-                    detail = f"rank actor {rank} of {self.label} died during {what}: {first_line(exc)}"
-                    self._break(detail)
+                    detail = (f"rank actor {first_rank + i} of {self.label} died during {what}: {first_line(exc)}"
+                              if self._broken is None else  # we killed it: say why
+                              f"{self.label} was broken during {what}: {self._broken}")
+                    self._break(detail, futures)
                     raise StageActorDied(self.stage, detail) from exc
+            stuck = [first_rank + i for i, future in enumerate(futures) if not future.done()]
+            if not stuck:
+                break
+            now = loop.time()
+            if failures and grace_end is None:
+                grace_end = now + self._fault_grace_s
+            if grace_end is not None and now >= grace_end:
+                rank, headline = next(iter(failures.items()))
+                others = [r for r in stuck if r not in failures] or stuck
+                detail = (f"rank {rank} of {self.label} failed during {what} ({headline}) and rank(s) "
+                          f"{', '.join(map(str, others))} had not finished {self._fault_grace_s:g} s later "
+                          f"({self._section}.fault_grace_s), stuck in a collective it left")
+                self._break(detail, futures)
+                raise StageActorDied(self.stage, detail)
+            if deadline is not None and now >= deadline:
+                detail = (f"rank(s) {', '.join(map(str, stuck))} of {self.label} did not finish {what} within "
+                          f"{budget_s:g} s ({budget_key}); the group is treated as hung")
+                self._break(detail, futures)
+                raise StageActorDied(self.stage, detail)
+            limits = [t for t in (deadline, grace_end) if t is not None]
+            changed.clear()
+            try:
+                async with asyncio.timeout(min(limits) - now if limits else None):
+                    await changed.wait()
+            except TimeoutError:
+                pass
+        if failures:
+            first = futures[next(iter(failures)) - first_rank]
+            errors = [first.exception()] + [f.exception() for f in futures]
+            raise next(e for e in errors if e is not None)
         return [future.result() for future in futures]
 
-    def _break(self, reason: str) -> None:
-        logger.error("%s broken: %s; killing all %d ranks", self.label, reason, len(self._ranks))
-        self._broken = reason
+    def _break(self, reason: str, waiting: Sequence[asyncio.Future[Any]] = ()) -> None:
+        """Mark the group broken and kill every rank; stop `waiting` for the calls that will now fail."""
+        if self._broken is None:  # the first reason is the cause; later ones are its echoes
+            logger.error("%s broken: %s; killing all %d ranks", self.label, reason, len(self._ranks))
+            self._broken = reason
         for rank in self._ranks:
             kill_quietly(rank)
+        for future in waiting:
+            future.cancel()
 
 
-async def _await(ref: ray.ObjectRef) -> Any:
-    return await ref
+async def _rank_outcome(call: ray.ObjectRef | ray.ObjectRefGenerator, report: Callable[[str], None]) -> Any:
+    """One rank's result; its error's headline goes to `report` as soon as it is known (early for a stream)."""
+    try:
+        if isinstance(call, ray.ObjectRefGenerator):
+            early = await (await call.__anext__())
+            if early is not None:
+                report(str(early))
+            return await (await call.__anext__())
+        return await call
+    except Exception as exc:
+        if not is_actor_death(exc):
+            report(error_headline(exc))
+        raise
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

@@ -11,7 +11,9 @@ single `VAEDecoderActor` does, so the result and the dict returned are the same.
 
 The engine drives `vae.replicas` such groups through a `GroupPool` (actors/pool.py), which has
 the StagePool interface: a dead rank raises `StageActorDied("decode", ...)` for the job to be
-retried while the group is rebuilt in the background.
+retried while the group is rebuilt in the background. So does a rank whose decode raised while
+the others are still running `vae.fault_grace_s` later (they wait in a halo exchange it left),
+and a decode that outlives `vae.call_timeout_s` (rank_group.py).
 """
 
 from __future__ import annotations
@@ -59,14 +61,17 @@ class VAERankActor(RankActor):
 class VAEGroup(RankGroup):
     """`cfg.vae.patch_parallel` VAERankActors in one STRICT_PACK placement group: one decode replica."""
 
-    def __init__(self, cfg: ServiceConfig, index: int = 0, model: str | None = None) -> None:
-        """model: checkpoint folder; None = cfg.model (None there too: the embedded default model)."""
+    def __init__(self, cfg: ServiceConfig, index: int = 0, model: str | None = None,
+                 actor_cls: type[VAERankActor] = VAERankActor) -> None:
+        """model: checkpoint folder; None = cfg.model (None there too: the embedded default model);
+        actor_cls: the rank class (a subclass in fault-injection tests)."""
         self._model_arg = model if model is not None else cfg.model
+        self._call_timeout_s = cfg.vae.call_timeout_s
         vae = cfg.vae
-        super().__init__(stage=STAGE, kind="VAE", index=index, actor_cls=VAERankActor,
+        super().__init__(stage=STAGE, kind="VAE", index=index, actor_cls=actor_cls,
                          world_size=vae.patch_parallel, num_cpus=vae.num_cpus, num_gpus=vae.num_gpus,
-                         device=cfg.actor_device(vae.num_gpus), init_timeout_s=cfg.dit.init_timeout_s,
-                         section="vae", timeout_key="dit.init_timeout_s")
+                         device=cfg.actor_device(vae.num_gpus), init_timeout_s=vae.init_timeout_s,
+                         section="vae", fault_grace_s=vae.fault_grace_s, health_timeout_s=vae.health_check_timeout_s)
 
     async def _rank_args(self) -> tuple[Any, ...]:
         return str(await asyncio.to_thread(resolve_model_folder, self._model_arg)), self.device
@@ -75,5 +80,6 @@ class VAEGroup(RankGroup):
         """latents (C, F', H', W') -> media file + sidecar, decoded by all ranks; rank 0's result dict."""
         self._check_usable()
         ref = ray.put(latents)  # one object-store copy for all ranks
-        results = await self._gather([r.decode.remote(ref, out_path, fps, record) for r in self._ranks], "decode")
+        results = await self._gather([r.decode.remote(ref, out_path, fps, record) for r in self._ranks], "decode",
+                                     budget_s=self._call_timeout_s, budget_key="vae.call_timeout_s")
         return results[0]

@@ -127,15 +127,23 @@ def test_chunk_check_catches_ranks_that_disagree(groups: dict[str, DiTGroup], re
     rank0, rank1 = group.ranks
     run(group.begin("job-d", params.model_dump(), positive, negative))
     uneven = [rank0.run_steps.remote("job-d", 1), rank1.run_steps.remote("job-d", 2)]
-    for ref in uneven:
+    for stream in uneven:
         with pytest.raises(RuntimeError, match=r"ranks disagree at the start of the chunk \(steps 1..2\)"):
-            ray.get(ref, timeout=120)
+            _outcome(stream)
     one_fails = [rank0.run_steps.remote("no-such-job", 1), rank1.run_steps.remote("job-d", 1)]
     with pytest.raises(KeyError, match="unknown job 'no-such-job'"):
-        ray.get(one_fails[0], timeout=120)
+        _outcome(one_fails[0])
     with pytest.raises(RuntimeError, match="another rank failed at the start of the chunk"):
-        ray.get(one_fails[1], timeout=120)
+        _outcome(one_fails[1])
+    streams = [rank.run_steps.remote("job-d", 1) for rank in (rank0, rank1)]  # both issued before we wait
+    ok = [_outcome(stream) for stream in streams]
+    assert [o[0] for o in ok] == [None, None] and [o[1]["step"] for o in ok] == [1, 1]  # no early error report
     run(group.drop("job-d"))
+
+
+def _outcome(stream: Any) -> list[Any]:
+    """Everything a rank's run_steps stream yields (its early error report, then its result), or its error."""
+    return [ray.get(ref, timeout=120) for ref in stream]
 
 
 def test_ping_is_answered_while_a_chunk_runs(groups: dict[str, DiTGroup], request_data: Any,

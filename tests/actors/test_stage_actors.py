@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +23,7 @@ from stages.decode import DecodeStage
 from stages.media import read_video
 from stages.text_encode import TextEncodeStage
 
-POOL = PoolConfig(replicas=2, num_cpus=0.5)
+POOL = PoolConfig(replicas=2, num_cpus=0.5, init_timeout_s=90)
 REQUESTS = [("a red circle moving left", "gray static background"), ("a small blue square", None)]
 
 
@@ -33,8 +34,8 @@ def checkpoint(tiny_model: str) -> WanCheckpoint:
 
 @pytest.fixture(scope="module")
 def pools(ray_cluster: None, tiny_model: str, run: Callable) -> Any:
-    text = StagePool("text_encode", TextEncoderActor, (tiny_model, "fp32", "cpu"), {}, POOL, init_timeout_s=90)
-    vae = StagePool("decode", VAEDecoderActor, (tiny_model, "cpu"), {}, POOL, init_timeout_s=90)
+    text = StagePool("text_encode", TextEncoderActor, (tiny_model, "fp32", "cpu"), {}, POOL)
+    vae = StagePool("decode", VAEDecoderActor, (tiny_model, "cpu"), {}, POOL)
     run(_all(text.start(), vae.start()))
     yield text, vae
     run(_all(text.shutdown(), vae.shutdown()))
@@ -146,9 +147,48 @@ def test_dead_actor_raises_then_is_replaced(pools: Any, run: Callable,
     assert ray.get(replacement.ping.remote()) != ray.get(originals[1].ping.remote())
 
 
+def test_health_check_replaces_a_dead_idle_actor_without_a_call(pools: Any, run: Callable,
+                                                                wait_until_dead: Callable[..., None]) -> None:
+    _, vae = pools
+    assert vae.health() == "ok"
+    originals = vae.actors
+    ray.kill(originals[1])
+    wait_until_dead(originals[1])
+    assert vae.health() == "ok"  # nobody has looked yet
+
+    began = time.monotonic()
+    run(vae.check_health())
+    assert vae.health() == {"actor 1": "replacing"} and vae.idle == 1
+    run(asyncio.wait_for(_until(lambda: vae.health() == "ok"), 120))
+    assert vae.idle == 2 and vae.actors[1] != originals[1] and vae.actors[0] == originals[0]
+    assert time.monotonic() - began < 120
+    run(vae.check_health())  # the replacement answers: nothing to do
+    assert vae.health() == "ok" and vae.actors[1] == vae.actors[1]
+
+
+def test_a_hung_call_is_cut_off_and_the_actor_replaced(ray_cluster: None, tiny_model: str, tmp_path: Path,
+                                                       run: Callable) -> None:
+    """A decode of a big latent takes seconds on CPU; with call_timeout_s=0.5 it counts as a hang."""
+    pool = StagePool("decode", VAEDecoderActor, (tiny_model, "cpu"), {},
+                     PoolConfig(replicas=1, num_cpus=0.5, init_timeout_s=90, call_timeout_s=0.5), "vae")
+    run(pool.start())
+    try:
+        first = pool.actors[0]
+        latents = np.zeros((16, 3, 32, 32), np.float32)  # ~10 s of decoding on this CPU
+        began = time.monotonic()
+        with pytest.raises(StageActorDied, match=r"did not finish decode\(\) within 0.5 s \(vae.call_timeout_s\)"):
+            run(pool.call("decode", latents, str(tmp_path / "big.mp4"), 16, {}))
+        assert time.monotonic() - began < 5
+        assert pool.health() == {"actor 0": "replacing"}
+        run(asyncio.wait_for(_until(lambda: pool.health() == "ok"), 120))
+        assert pool.actors[0] != first
+    finally:
+        run(pool.shutdown())
+
+
 def test_start_fails_clearly_when_resources_are_missing(ray_cluster: None, run: Callable) -> None:
-    pool = StagePool("decode", VAEDecoderActor, ("unused", "cpu"), {}, PoolConfig(replicas=2, num_gpus=1),
-                     init_timeout_s=1)
+    pool = StagePool("decode", VAEDecoderActor, ("unused", "cpu"), {}, PoolConfig(replicas=2, num_gpus=1,
+                                                                                   init_timeout_s=1))
     with pytest.raises(StageStartError, match=r"missing \{GPU: 2\}"):
         run(pool.start())
     assert pool.placement_group is None
@@ -156,7 +196,7 @@ def test_start_fails_clearly_when_resources_are_missing(ray_cluster: None, run: 
 
 def test_start_fails_clearly_when_the_actor_cannot_load(ray_cluster: None, tmp_path: Path, run: Callable) -> None:
     pool = StagePool("decode", VAEDecoderActor, (str(tmp_path), "cpu"), {},  # a folder without a checkpoint
-                     PoolConfig(replicas=1, num_cpus=0.5), init_timeout_s=60)
+                     PoolConfig(replicas=1, num_cpus=0.5, init_timeout_s=60))
     with pytest.raises(StageStartError, match="died while loading") as caught:
         run(pool.start())
     assert "is not a Wan checkpoint" in str(caught.value)
