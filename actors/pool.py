@@ -15,7 +15,7 @@ says which slots are not serving ("replacing", or "down" when a replacement fail
 
 `GroupPool` offers the same interface over replicas that are rank groups (a patch-parallel VAE
 decode replica is a group of ranks); both draw replicas through `IdleSlots`, the FIFO logic.
-`reserve_placement_group` and `bundle_resources` are shared with the rank groups (rank_group.py).
+`reserve_placement_group` is shared with the rank groups (rank_group.py).
 """
 
 from __future__ import annotations
@@ -33,20 +33,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.config import PoolConfig
 from actors.errors import StageActorDied, StageStartError, first_line, is_actor_death
+from actors.resources import bundle_resources, format_resources
 
 logger = logging.getLogger(__name__)
 
 HEALTH_GROUP = "health"
 """Concurrency group of `ping` on every stage and rank actor, so a health check is answered while a long call runs."""
-
-
-def bundle_resources(num_cpus: float, num_gpus: float, stage: str) -> dict[str, float]:
-    """The placement-group bundle of one actor; Ray rejects a bundle whose resources are all 0."""
-    bundle = {k: float(v) for k, v in (("CPU", num_cpus), ("GPU", num_gpus)) if v > 0}
-    if not bundle:
-        raise ValueError(f"{stage}: num_cpus and num_gpus are both 0, so there is nothing to reserve for an "
-                         f"actor; set num_cpus to e.g. 0.5 (CPU) or num_gpus to 1 (GPU)")
-    return bundle
 
 
 def describe_shortfall(bundles: list[dict[str, float]], strategy: str) -> str:
@@ -57,23 +49,19 @@ def describe_shortfall(bundles: list[dict[str, float]], strategy: str) -> str:
             need[key] = need.get(key, 0.0) + value
     total = ray.cluster_resources()
     free = ray.available_resources()
-    parts = [f"needs {len(bundles)} x {bundles[0]} = {_fmt(need)} ({strategy})",
-             f"cluster has {_fmt({k: total.get(k, 0.0) for k in need})}, "
-             f"free {_fmt({k: free.get(k, 0.0) for k in need})}"]
+    parts = [f"needs {len(bundles)} x {bundles[0]} = {format_resources(need)} ({strategy})",
+             f"cluster has {format_resources({k: total.get(k, 0.0) for k in need})}, "
+             f"free {format_resources({k: free.get(k, 0.0) for k in need})}"]
     missing = {k: v - free.get(k, 0.0) for k, v in need.items() if v > free.get(k, 0.0) + 1e-9}
     if missing:
-        parts.append(f"missing {_fmt(missing)}")
+        parts.append(f"missing {format_resources(missing)}")
     if strategy == "STRICT_PACK":
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
         if not any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in nodes):
             best = max(nodes, key=lambda n: tuple(n.get(k, 0.0) for k in need), default={})
             parts.append(f"STRICT_PACK needs it all on one node and the largest node has "
-                         f"{_fmt({k: best.get(k, 0.0) for k in need})}")
+                         f"{format_resources({k: best.get(k, 0.0) for k in need})}")
     return "; ".join(parts) + ". Lower replicas/world_size/num_cpus/num_gpus in the service config, or add nodes."
-
-
-def _fmt(resources: dict[str, float]) -> str:
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in resources.items()) + "}"
 
 
 async def reserve_placement_group(stage: str, bundles: list[dict[str, float]], strategy: str,

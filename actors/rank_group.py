@@ -50,7 +50,8 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.errors import StageActorDied, StageStartError, first_line, is_actor_death
-from actors.pool import HEALTH_GROUP, bundle_resources, kill_quietly, reserve_placement_group
+from actors.pool import HEALTH_GROUP, kill_quietly, reserve_placement_group
+from actors.resources import bundle_resources
 from parallel.launch import free_port
 
 logger = logging.getLogger(__name__)

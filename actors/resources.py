@@ -156,18 +156,28 @@ def fit_to_cluster(cfg: ServiceConfig, cluster: ClusterResources) -> ServiceConf
         if current.num_cpus is None:
             update[section] = current.model_copy(update={"num_cpus": share})
     fitted = cfg.model_copy(update=update)
-    logger.info("automatic num_cpus per stage actor: %g (cluster %s; %s unset)", share, _fmt(cluster.total),
+    logger.info("automatic num_cpus per stage actor: %g (cluster %s; %s unset)", share, format_resources(cluster.total),
                 ", ".join(f"{s}.num_cpus" for s in update))
     return fitted
+
+
+def bundle_resources(num_cpus: float | None, num_gpus: float, stage: str) -> Resources:
+    """The placement-group bundle of one actor; Ray rejects a bundle whose resources are all 0."""
+    if num_cpus is None:
+        raise ValueError(f"{stage}: num_cpus is unset; resolve the config with fit_to_cluster first (the engine "
+                         f"does) or give a number")
+    bundle = {k: float(v) for k, v in (("CPU", num_cpus), ("GPU", num_gpus)) if v > 0}
+    if not bundle:
+        raise ValueError(f"{stage}: num_cpus and num_gpus are both 0, so there is nothing to reserve for an "
+                         f"actor; set num_cpus to e.g. 0.5 (CPU) or num_gpus to 1 (GPU)")
+    return bundle
 
 
 def placement_plan(cfg: ServiceConfig) -> list[PlacementPlan]:
     """Every placement group the engine reserves for `cfg` (num_cpus resolved by fit_to_cluster)."""
     plans = []
     for section, groups, cpus, gpus, size, strategy in _sections(cfg):
-        if cpus is None:
-            raise ValueError(f"{section}.num_cpus is unset; resolve the config with fit_to_cluster first")
-        bundle = {k: float(v) for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
+        bundle = bundle_resources(cpus, gpus, section)
         for index in range(groups):
             name = {"text_encoder": "text_encode pool", "dit": f"DiT group {index}",
                     "vae": f"VAE group {index}" if strategy == "STRICT_PACK" else "decode pool"}[section]
@@ -193,13 +203,13 @@ def check_fits(plans: Sequence[PlacementPlan], cluster: ClusterResources) -> Non
     unplaced = [name for name, need in items if not any(node.take(need) for node in nodes)]
     if not unplaced:
         return
-    needs = "; ".join(f"{p.name}: {len(p.bundles)} x {_fmt(dict(p.bundles[0]))}"
+    needs = "; ".join(f"{p.name}: {len(p.bundles)} x {format_resources(dict(p.bundles[0]))}"
                       f"{' on one node' if p.strategy == 'STRICT_PACK' and len(p.bundles) > 1 else ''}"
                       for p in plans)
     largest = max(cluster.nodes, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)), default={})
     raise ResourcesDoNotFit(
-        f"the stage pools need {_fmt(_sum(b for p in plans for b in p.bundles))} ({needs}) but the cluster "
-        f"has {_fmt(cluster.total)} in {len(cluster.nodes)} node(s), the largest {_fmt(dict(largest))}, so "
+        f"the stage pools need {format_resources(_sum(b for p in plans for b in p.bundles))} ({needs}) but the cluster "
+        f"has {format_resources(cluster.total)} in {len(cluster.nodes)} node(s), the largest {format_resources(dict(largest))}, so "
         f"{', '.join(dict.fromkeys(unplaced))} cannot be placed. Leave text_encoder/dit/vae.num_cpus unset "
         f"(automatic), lower replicas/world_size/groups/num_gpus, or add nodes.")
 
@@ -212,5 +222,6 @@ def _sum(bundles: Iterable[Mapping[str, float]]) -> Resources:
     return out
 
 
-def _fmt(resources: Mapping[str, float]) -> str:
+def format_resources(resources: Mapping[str, float]) -> str:
+    """{CPU: 2, GPU: 1}, for error messages."""
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"

@@ -51,7 +51,7 @@ def test_plan_names_every_placement_group() -> None:
     assert plans == {"text_encode pool": (1, "PACK"), "DiT group 0": (2, "STRICT_PACK"),
                      "DiT group 1": (2, "STRICT_PACK"), "VAE group 0": (2, "STRICT_PACK"),
                      "VAE group 1": (2, "STRICT_PACK")}
-    with pytest.raises(ValueError, match="text_encoder.num_cpus is unset"):
+    with pytest.raises(ValueError, match="text_encoder: num_cpus is unset"):
         placement_plan(_cfg())
 
 
