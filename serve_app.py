@@ -654,9 +654,11 @@ class VideoService:
                                      description="One event per change (stage, step) until the job is final."))
         guarded("/v1/images/generations", self.create_image, methods=["POST"], tags=["images"],
                 summary="Generate an image (waits for it)", openapi_extra=body("ImageCreateRequest", forms=False),
-                responses=_responses(*auth, 404, 409, 413, 415, 422, 429, 500, 503, ok=ImagesResponse))
+                responses=_responses(*auth, 404, 409, 413, 415, 422, 429, 500, 503, ok=ImagesResponse, links={
+                    "content": {"operationId": "image_content",
+                                "parameters": {"image_id": "$response.body#/id"}}}))
         guarded("/v1/images/{image_id}/content", self.image_content, methods=["GET"], tags=["images"],
-                summary="Download an image", response_class=FileResponse,
+                summary="Download an image", response_class=FileResponse, operation_id="image_content",
                 responses=_responses(*auth, 404, 409, content={"image/png": media["image/png"]},
                                      description="The PNG."))
         guarded("/v1/models", self.models, methods=["GET"], tags=["service"], summary="The served model",
