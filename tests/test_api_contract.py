@@ -163,7 +163,7 @@ def test_openapi_publishes_the_enforced_limits(client: httpx.Client) -> None:
     assert video["height"]["anyOf"][0]["maximum"] == 64
     assert video["num_inference_steps"]["anyOf"][0]["maximum"] == 3
     assert video["num_frames"]["anyOf"][0]["enum"] == [1, 5]
-    assert video["model"]["anyOf"][0]["enum"] == ["wan-tiny"]
+    assert video["model"]["anyOf"][0]["const"] == "wan-tiny"
     post = doc["paths"]["/v1/videos"]["post"]
     assert set(post["requestBody"]["content"]) == {"application/json", "multipart/form-data",
                                                    "application/x-www-form-urlencoded"}
