@@ -1,6 +1,7 @@
 """Optional API keys: with keys configured every route but /healthz, /readyz, /docs and /openapi.json
 needs `Authorization: Bearer <key>`; the openai client works with its api_key. Off by default
-(tests/test_serve_app.py runs without keys)."""
+(tests/test_serve_app.py runs without keys). The same service has an image wait too short for any
+image, which checks that the synchronous image route gives up with a documented 503 and loses nothing."""
 
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ def service(ray_cluster: None, tiny_model: str, tmp_path_factory: pytest.TempPat
         "model": tiny_model, "job_store": str(work / "jobs.sqlite"), "output_dir": str(work / "out"),
         "text_encoder.num_cpus": 0.5, "vae.num_cpus": 0.5, "dit.num_cpus": 0.5,
         "auth.api_keys": [LISTED], "auth.api_keys_file": str(_key_file(work)),
+        "limits.image_timeout_s": 0.01,  # no image is that fast: POST /v1/images/generations always times out here
     })
     serve.run(build_app(cfg, name="KeyedService"), name=APP, route_prefix="/")
     yield f"http://127.0.0.1:{port}"
@@ -110,3 +112,21 @@ def test_openai_client_with_api_key(service: str) -> None:
     assert client.videos.download_content(video.id).read()[4:8] == b"ftyp"  # an mp4
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{service}/v1", api_key="wrong-key-000000", max_retries=0).models.list()
+
+
+@pytest.mark.slow
+def test_image_wait_is_bounded_and_the_job_kept(service: str) -> None:
+    auth = {"Authorization": f"Bearer {LISTED}"}
+    with httpx.Client(base_url=service, timeout=60, headers=auth) as client:
+        answer = client.post("/v1/images/generations", json={"prompt": "a green triangle", "height": 32,
+                                                              "width": 32, "num_inference_steps": 2})
+        assert answer.status_code == 503 and answer.headers["retry-after"], answer.text
+        error = answer.json()["error"]
+        image_id = error["message"].split()[1]
+        assert error["code"] == "timeout" and image_id.startswith("img_"), error
+        deadline = time.monotonic() + 120
+        while client.get(f"/v1/videos/{image_id}").json()["job_status"] != "succeeded":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        png = client.get(f"/v1/images/{image_id}/content")
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
