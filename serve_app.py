@@ -46,7 +46,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.config import LimitsConfig, ServiceConfig
 from actors.engine import JobNotFound, QueueFull, StageEngine
-from actors.job_store import JobRecord
+from actors.job_store import JobRecord, JobStatus
 from stages.params import FIELD_RULES, GenerationParams
 
 logger = logging.getLogger("ray.serve")
@@ -154,9 +154,8 @@ class RequestContract:
     def __init__(self, limits: LimitsConfig, defaults: Any, model_id: str) -> None:
         self.limits, self.model_id, self.fps = limits, model_id, int(defaults.fps)
         self.max_seconds = (limits.max_frames - 1) / self.fps
-        sizes = [("width", limits.max_width), ("height", limits.max_height)]
         self.size_pattern = "^" + "x".join(f"({'|'.join(str(v) for v in range(16, top + 1, 16))})"
-                                           for _, top in sizes) + "$"
+                                           for top in (limits.max_width, limits.max_height)) + "$"
         self.defaults = {"width": min(defaults.width, limits.max_width),
                          "height": min(defaults.height, limits.max_height),
                          "num_frames": min(defaults.num_frames, limits.max_frames),
@@ -272,14 +271,15 @@ def _form_number(text: str) -> Any:
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else text
 
 
-async def _read_body(request: Request) -> Any:
-    """JSON (also without a content type), or a multipart/url-encoded form (what openai sends for videos)."""
+async def _read_body(request: Request, forms: bool) -> Any:
+    """JSON (also without a content type), or with `forms` a multipart/url-encoded form (what openai sends
+    for videos.create)."""
     media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if media in _FORM_TYPES:
+    if forms and media in _FORM_TYPES:
         try:
             form = await request.form()
         except HTTPException as exc:
-            raise ApiError(422, f"the form body could not be parsed: {exc.detail}") from None
+            raise ApiError(422, f"the form body could not be parsed: {exc.detail}", code="invalid_body") from None
         data: dict[str, Any] = {}
         for key, value in form.multi_items():
             if not isinstance(value, str):
@@ -287,8 +287,9 @@ async def _read_body(request: Request) -> Any:
             data[key] = value if key in _TEXT_FIELDS else _form_number(value)
         return data
     if media != "application/json" and not media.endswith("+json"):
-        raise ApiError(415, f"content type {media!r} is not supported; send application/json, multipart/form-data "
-                            "or application/x-www-form-urlencoded", code="unsupported_media_type")
+        accepted = "application/json" + (", multipart/form-data or application/x-www-form-urlencoded" if forms else "")
+        raise ApiError(415, f"content type {media!r} is not supported here; send {accepted}",
+                       code="unsupported_media_type")
     raw = await request.body()
     try:
         return json.loads(raw)
@@ -335,7 +336,7 @@ class Video(BaseModel):
     size: str
     remixed_from_video_id: None
     error: VideoError | None
-    job_status: Literal["queued", "encoding", "denoising", "decoding", "succeeded", "failed", "cancelled"]
+    job_status: JobStatus
     step: int
     total_steps: int
     priority: int
@@ -375,7 +376,7 @@ class JobEvent(BaseModel):
     """The `data` of one server-sent event (its `event` field is the same status)."""
 
     id: str
-    status: Literal["queued", "encoding", "denoising", "decoding", "succeeded", "failed", "cancelled"]
+    status: JobStatus
     progress: float = Field(ge=0, le=1)
     step: int
     total_steps: int
@@ -421,7 +422,7 @@ _WHY = {
           "(code model_not_found).", None),
     409: ("The job is in the wrong state for this: no content yet, cancelled, or still stopping.", None),
     413: ("The request body is larger than the service's limit (limits.max_body_bytes).", None),
-    415: ("The body is not JSON, multipart/form-data or application/x-www-form-urlencoded.", None),
+    415: ("The body's content type is not one this route documents.", None),
     422: ("A field is invalid; the message names it and its allowed range (this service's limits).", None),
     429: ("The service's queue is full; retry after Retry-After seconds.", _RETRY),
     500: ("The image could not be generated (the message says why; the log has the details).", None),
@@ -578,7 +579,20 @@ _ImageId = PathParam(pattern=IMAGE_ID_PATTERN, description="An image job id, img
 _DESCRIPTION = """OpenAI-compatible text-to-video and text-to-image API over a Ray stage pipeline
 (text encode -> DiT denoise -> VAE decode). Create a video with `POST /v1/videos`, follow it with
 `GET /v1/videos/{id}` or the event stream, download it from `/content`. Every error has OpenAI's shape
-`{"error": {"message", "type", "param", "code"}}`; the bounds below are the ones this service enforces."""
+`{"error": {"message", "type", "param", "code"}}`; the bounds below are the ones this service enforces.
+
+| status | when |
+|---|---|
+| 401 | API keys are set and the request has no valid `Authorization: Bearer <key>` |
+| 404 | unknown or malformed job id or cursor; `model` is not the served model (code `model_not_found`) |
+| 405 | the method is not served on the path (`Allow` lists the ones that are) |
+| 409 | no content yet, cancelled, or still stopping |
+| 413 | the body is larger than the service's limit |
+| 415 | the body is not JSON or a form |
+| 422 | a field is invalid: the message names it and its allowed range |
+| 429 | the queue is full (`Retry-After`) |
+| 500 | an image failed to generate (the message says why) |
+| 503 | not ready, or an image did not finish in time (`Retry-After`; the job keeps running) |"""
 
 
 class VideoService:
@@ -697,18 +711,12 @@ class VideoService:
         return app.openapi_schema
 
     # ---- HTTP routes ----
-    def _record(self, job_id: str) -> JobRecord:
-        try:
-            return self.engine.status(job_id)
-        except JobNotFound as exc:
-            raise ApiError(404, str(exc), param="video_id", code="not_found") from None
-
     async def _accept(self, request: Request, image: bool) -> tuple[BaseModel, JobRecord]:
         """Parse, validate and submit a creation request: (body, job record), or raise ApiError."""
         if not self.engine.ready:
             raise ApiError(503, "the service is starting or stopping; retry shortly", code="not_ready",
                            headers=self._retry)
-        body, params = self.contract.parse(await _read_body(request), image)
+        body, params = self.contract.parse(await _read_body(request, forms=not image), image)
         try:
             record = await self.engine.submit(params, priority=body.priority,  # type: ignore[attr-defined]
                                               kind="image" if image else "video")
@@ -737,11 +745,12 @@ class VideoService:
                              "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
 
     async def retrieve_video(self, video_id: str = _JobId) -> JSONResponse:
-        return JSONResponse(video_object(self._record(video_id), self.model_name))
+        """The job's state: OpenAI's status and progress, plus its stage, step and resolved parameters."""
+        return JSONResponse(video_object(self.engine.status(video_id), self.model_name))
 
     async def video_content(self, video_id: str = _JobId) -> FileResponse:
         """The result file, served only from the configured output folder."""
-        record = self._record(video_id)
+        record = self.engine.status(video_id)
         if record.status != "succeeded" or not record.result_path:
             raise ApiError(409, f"job {video_id} has no content (status {record.status})", code="not_ready")
         path = Path(record.result_path).resolve()
@@ -752,16 +761,17 @@ class VideoService:
                             filename=path.name)
 
     async def image_content(self, image_id: str = _ImageId) -> FileResponse:
+        """The PNG of an image job (the `url` that response_format=url returns)."""
         return await self.video_content(image_id)
 
     async def cancel_video(self, video_id: str = _JobId) -> JSONResponse:
         """A queued job stops at once, a running one at its next chunk of steps; finished jobs are unchanged."""
-        self._record(video_id)
+        self.engine.status(video_id)
         return JSONResponse(video_object(await self.engine.cancel(video_id), self.model_name))
 
     async def delete_video(self, video_id: str = _JobId) -> JSONResponse:
         """Deletes the job and its files; an unfinished job is cancelled first (DELETE waits for it to stop)."""
-        record = self._record(video_id)
+        record = self.engine.status(video_id)
         if not record.done:
             await self.engine.cancel(video_id)
             try:
@@ -769,14 +779,11 @@ class VideoService:
             except TimeoutError:
                 raise ApiError(409, f"job {video_id} is still stopping; retry DELETE shortly", code="cancelling",
                                headers=self._retry) from None
-        try:
-            self.engine.delete(video_id)
-        except JobNotFound as exc:  # deleted by a concurrent request
-            raise ApiError(404, str(exc), param="video_id", code="not_found") from None
+        self.engine.delete(video_id)
         return JSONResponse({"id": video_id, "object": "video.deleted", "deleted": True})
 
     async def video_events(self, video_id: str = _JobId) -> StreamingResponse:
-        self._record(video_id)
+        self.engine.status(video_id)
 
         async def stream() -> AsyncIterator[str]:
             async for event in self.engine.events(video_id):
@@ -807,14 +814,17 @@ class VideoService:
                              "id": record.id})
 
     async def models(self) -> JSONResponse:
+        """The one model this service runs; its id is the only `model` value requests may name."""
         return JSONResponse({"object": "list", "data": [{"id": self.model_name, "object": "model",
                                                          "created": int(time.time()), "owned_by": "smart-diffusion",
                                                          "root": str(self.engine.model_path)}]})
 
     async def healthz(self) -> JSONResponse:
+        """Liveness: the ingress answers (open even when API keys are set)."""
         return JSONResponse({"status": "ok"})
 
     async def readyz(self) -> JSONResponse:
+        """Readiness: 200 while the stage engine runs, 503 otherwise; with queue depths (open without a key)."""
         snapshot = self.engine.snapshot()
         return JSONResponse(snapshot, status_code=200 if snapshot["ready"] else 503)
 
@@ -824,6 +834,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
+
+    async def on_job_not_found(request: Request, exc: JobNotFound) -> JSONResponse:  # also: deleted meanwhile
+        return ApiError(404, str(exc), param="video_id", code="not_found").response()
 
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         path_errors = [e for e in exc.errors() if tuple(e.get("loc", ()))[:1] == ("path",)]
@@ -850,6 +863,7 @@ def _install_error_handlers(app: FastAPI) -> None:
                         code="internal_error").response()
 
     app.add_exception_handler(ApiError, on_api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(JobNotFound, on_job_not_found)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, on_validation)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, on_http)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, on_unexpected)
