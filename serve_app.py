@@ -420,6 +420,7 @@ _WHY = {
           {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}),
     404: ("No such job or cursor (ids look like video_<32 hex> or img_<32 hex>), or the model is not served "
           "(code model_not_found).", None),
+    405: ("The method is not served on this path; `Allow` lists the ones that are.", None),
     409: ("The job is in the wrong state for this: no content yet, cancelled, or still stopping.", None),
     413: ("The request body is larger than the service's limit (limits.max_body_bytes).", None),
     415: ("The body's content type is not one this route documents.", None),
@@ -583,16 +584,7 @@ _DESCRIPTION = """OpenAI-compatible text-to-video and text-to-image API over a R
 
 | status | when |
 |---|---|
-| 401 | API keys are set and the request has no valid `Authorization: Bearer <key>` |
-| 404 | unknown or malformed job id or cursor; `model` is not the served model (code `model_not_found`) |
-| 405 | the method is not served on the path (`Allow` lists the ones that are) |
-| 409 | no content yet, cancelled, or still stopping |
-| 413 | the body is larger than the service's limit |
-| 415 | the body is not JSON or a form |
-| 422 | a field is invalid: the message names it and its allowed range |
-| 429 | the queue is full (`Retry-After`) |
-| 500 | an image failed to generate (the message says why) |
-| 503 | not ready, or an image did not finish in time (`Retry-After`; the job keeps running) |"""
+"""
 
 
 class VideoService:
@@ -639,7 +631,8 @@ class VideoService:
         return self.build_api()
 
     def build_api(self) -> FastAPI:
-        app = FastAPI(title="Smart-Diffusion", version="0.1.0", description=_DESCRIPTION, openapi_tags=[
+        codes = "\n".join(f"| {code} | {why} |" for code, (why, _) in _WHY.items())
+        app = FastAPI(title="Smart-Diffusion", version="0.1.0", description=_DESCRIPTION + codes, openapi_tags=[
             {"name": "videos", "description": "Create, follow, download, cancel and delete video jobs."},
             {"name": "images", "description": "Text-to-image (one frame), synchronous."},
             {"name": "service", "description": "Models, liveness and readiness."}])

@@ -186,3 +186,19 @@ def test_schemathesis_finds_nothing(service: str, tmp_path: Any) -> None:
     assert run.returncode == 0, report
     assert "failures" not in report.splitlines()[-1], report
     print(f"schemathesis: {time.monotonic() - started:.0f} s\n{report[-400:]}")
+
+
+def test_job_errors_show_their_headline_only() -> None:
+    """Ray errors carry a remote traceback; the API shows the first line (the engine logs the rest)."""
+    from actors.job_store import JobRecord
+    from serve_app import video_object
+
+    error = "decoding failed: ray::VAEDecoderActor.decode() (pid=1, ip=1.2.3.4)\nTraceback (most recent call " \
+            "last):\n  File \"stages/decode.py\", line 9, in run\nRuntimeError: out of memory"
+    record = JobRecord(id="video_" + "0" * 32, kind="video", params={"prompt": "x", "num_frames": 5, "fps": 16},
+                       priority=0, status="failed", step=0, total_steps=3, created_at=1.0, updated_at=2.0,
+                       finished_at=2.0, attempts=1, error=error, result_path=None, sidecar_path=None, timings={},
+                       stage_times={}, key=None)
+    shown = video_object(record, "wan-tiny")["error"]
+    assert shown == {"code": "failed", "message": "decoding failed: ray::VAEDecoderActor.decode() (pid=1, "
+                                                  "ip=1.2.3.4)"}
