@@ -105,6 +105,7 @@ def service(ray_cluster: None, tiny_model: str, tmp_path_factory: pytest.TempPat
 
     work = tmp_path_factory.mktemp("contract")
     port = free_port()
+    serve.shutdown()  # a Serve left running by another module would keep its own port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = ServiceConfig.load(overrides={
         "model": tiny_model, "job_store": str(work / "jobs.sqlite"), "output_dir": str(work / "out"),
@@ -115,6 +116,7 @@ def service(ray_cluster: None, tiny_model: str, tmp_path_factory: pytest.TempPat
     serve.run(build_app(cfg, name="ContractService"), name=APP, route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.delete(APP)
+    serve.shutdown()  # the next module starts Serve on its own port
 
 
 @pytest.fixture()
