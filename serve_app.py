@@ -22,7 +22,6 @@ import hashlib
 import hmac
 import json
 import logging
-import re
 import time
 from functools import partial
 from pathlib import Path
