@@ -89,6 +89,7 @@ def test_types_are_strict(contract: RequestContract) -> None:
                  {"prompt": "\ud800"}, {"prompt": "x", "extra": 1}, ["prompt"], {"prompt": "x", "seed": 1.5}):
         assert _refusal(contract, body).status == 422, body
     assert contract.parse({"prompt": "x", "height": 32.0, "seed": 7.0}, image=False)[1].height == 32
+    assert contract.parse({"prompt": "  x"}, image=False)[1].prompt == "  x"  # not blank is not "no spaces"
 
 
 # ---------------------------------------------------------------------------------------------
