@@ -8,10 +8,10 @@ Only entry points build it; everything below receives it through constructors.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Annotated, Any, Iterable, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 
 DATA_DIR = "smartdiff-data"
@@ -110,6 +110,72 @@ class SchedulerConfig(_Strict):
     retry_after_s: int = Field(5, ge=1, le=3600, description="Retry-After sent with 429/503 responses.")
 
 
+# The request schema's own maxima (stages/params.py: MAX_SIZE, MAX_FRAMES, MAX_STEPS), restated here so
+# that loading the config never imports torch; tests/test_api_contract.py checks that they agree.
+SCHEMA_MAX_SIZE, SCHEMA_MAX_FRAMES, SCHEMA_MAX_STEPS = 2048, 257, 200
+
+
+class LimitsConfig(_Strict):
+    """Operator limits on what one HTTP request may ask for, at or below the request schema's maxima.
+
+    Enforced when a request is accepted (422 naming the field and the limit) and published in the
+    service's /openapi.json, so clients and fuzzers see the bounds the service really applies. A
+    request that leaves a field empty gets the model's default, capped at these limits.
+    """
+
+    max_width: int = Field(SCHEMA_MAX_SIZE, ge=16, le=SCHEMA_MAX_SIZE, multiple_of=16,
+                           description="Largest frame width in pixels a request may ask for (multiple of 16).")
+    max_height: int = Field(SCHEMA_MAX_SIZE, ge=16, le=SCHEMA_MAX_SIZE, multiple_of=16,
+                            description="Largest frame height in pixels a request may ask for (multiple of 16).")
+    max_frames: int = Field(SCHEMA_MAX_FRAMES, ge=1, le=SCHEMA_MAX_FRAMES,
+                            description="Most video frames a request may ask for (of the form 4n+1).")
+    max_steps: int = Field(SCHEMA_MAX_STEPS, ge=1, le=SCHEMA_MAX_STEPS,
+                           description="Most denoising steps a request may ask for.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30,
+                                description="Largest request body in bytes; larger ones are refused with 413 "
+                                            "before they are parsed.")
+    image_timeout_s: float = Field(600.0, gt=0, le=86_400,
+                                   description="How long POST /v1/images/generations waits for its image; after "
+                                               "that it answers 503 naming the job id (the job keeps running).")
+
+    @field_validator("max_frames")
+    @classmethod
+    def _four_n_plus_one(cls, value: int) -> int:
+        if (value - 1) % 4:
+            raise ValueError(f"max_frames must be of the form 4n+1 (1, 5, 9, ..., 81, ...), got {value}; "
+                             f"use {4 * ((value - 1) // 4) + 1}")
+        return value
+
+
+ApiKey = Annotated[str, StringConstraints(min_length=8, max_length=512, pattern=r"^[!-~]+$")]
+
+
+class AuthConfig(_Strict):
+    """Optional API keys. With any key set, every route except /healthz, /readyz, /docs and /openapi.json
+    needs `Authorization: Bearer <key>` (401 otherwise); with none set the API is open."""
+
+    api_keys: list[ApiKey] = Field(default_factory=list, max_length=10_000,
+                                   description="Accepted keys (8-512 visible ASCII characters each). Prefer "
+                                               "api_keys_file, which keeps keys out of the Serve config.")
+    api_keys_file: Path | None = Field(None, description="File of accepted keys, one per line; blank lines and "
+                                                         "lines starting with # are ignored. Read at start-up.")
+
+    def keys(self) -> list[str]:
+        """api_keys plus the keys in api_keys_file (read now), each checked like api_keys."""
+        keys = list(self.api_keys)
+        if self.api_keys_file is not None:
+            lines = Path(self.api_keys_file).read_text().splitlines()
+            for number, line in enumerate(lines, 1):
+                key = line.strip()
+                if not key or key.startswith("#"):
+                    continue
+                if not 8 <= len(key) <= 512 or not all("!" <= c <= "~" for c in key):
+                    raise ValueError(f"{self.api_keys_file}:{number}: an API key must be 8-512 visible ASCII "
+                                     f"characters without spaces (got {len(key)} characters)")
+                keys.append(key)
+        return keys
+
+
 class ServiceConfig(_Strict):
     """Everything the operator fixes at start-up: the system params (docs/design.md, "Three kinds of parameters")."""
 
@@ -131,6 +197,8 @@ class ServiceConfig(_Strict):
                              description="Where results (mp4/png + JSON sidecar) are written; relative as job_store.")
     resume_unfinished: bool = Field(True, description="On start-up, re-queue jobs a previous run accepted but did "
                                                       "not finish (False: mark them failed with the reason).")
+    limits: LimitsConfig = LimitsConfig()
+    auth: AuthConfig = AuthConfig()
 
     @model_validator(mode="after")
     def _gpus_need_cuda(self) -> "ServiceConfig":

@@ -36,6 +36,7 @@ def service(ray_cluster: None, tiny_model: str, tmp_path_factory: pytest.TempPat
 
     work = tmp_path_factory.mktemp("service")
     port = free_port()
+    serve.shutdown()  # a Serve left running by another module would keep its own port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = ServiceConfig.load(overrides={
         "model": tiny_model, "job_store": str(work / "jobs.sqlite"), "output_dir": str(work / "out"),
@@ -45,6 +46,7 @@ def service(ray_cluster: None, tiny_model: str, tmp_path_factory: pytest.TempPat
     serve.run(build_app(cfg), name=APP, route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.delete(APP)
+    serve.shutdown()  # the next module starts Serve on its own port
 
 
 def _wait(client: httpx.Client, video_id: str, timeout_s: float = 120) -> dict[str, Any]:
@@ -92,6 +94,17 @@ def test_validation_and_unknown_ids(service: str) -> None:
         assert client.get("/v1/videos/video_nope").status_code == 404
         assert client.get("/v1/videos/video_nope/content").status_code == 404
         assert client.delete("/v1/videos/video_nope").status_code == 404
+        missing = client.get("/v1/videos/video_" + "0" * 32).json()["error"]
+        assert missing["code"] == "not_found" and missing["param"] == "video_id"
+
+
+def test_open_without_keys(service: str) -> None:
+    """Keys are off by default: no security scheme, any (or no) Authorization header is fine."""
+    with httpx.Client(base_url=service, timeout=30) as client:
+        doc = client.get("/openapi.json").json()
+        assert "securitySchemes" not in doc.get("components", {})
+        assert "401" not in doc["paths"]["/v1/videos"]["post"]["responses"]
+        assert client.get("/v1/models", headers={"Authorization": "Bearer anything"}).status_code == 200
 
 
 def test_openai_client(service: str) -> None:
@@ -144,10 +157,27 @@ def test_cancel_in_the_middle_of_denoising(service: str) -> None:
         while client.get(f"/v1/videos/{video['id']}").json()["step"] < 2:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert client.delete(f"/v1/videos/{video['id']}").json()["deleted"] is False
+        assert client.post(f"/v1/videos/{video['id']}/cancel").json()["id"] == video["id"]
         final = _wait(client, video["id"])
         assert final["job_status"] == "cancelled" and 2 <= final["step"] < 200, final
+        assert final["error"] == {"code": "cancelled", "message": "cancelled"}
         assert client.get(f"/v1/videos/{video['id']}/content").status_code == 409
+        assert client.delete(f"/v1/videos/{video['id']}").json()["deleted"] is True
+        assert client.get(f"/v1/videos/{video['id']}").status_code == 404
+
+
+def test_delete_stops_a_running_job_and_forgets_it(service: str) -> None:
+    with httpx.Client(base_url=service, timeout=120) as client:
+        video = client.post("/v1/videos", json={"prompt": "delete me", **LONG}).json()
+        deadline = time.monotonic() + 60
+        while client.get(f"/v1/videos/{video['id']}").json()["step"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        deleted = client.delete(f"/v1/videos/{video['id']}")
+        assert deleted.status_code == 200 and deleted.json() == {"id": video["id"], "object": "video.deleted",
+                                                                 "deleted": True}
+        assert client.get(f"/v1/videos/{video['id']}").status_code == 404
+        assert client.delete(f"/v1/videos/{video['id']}").status_code == 404
 
 
 def test_stages_overlap_between_requests(service: str) -> None:
@@ -175,7 +205,7 @@ def test_queue_overflow_is_429_with_retry_after(service: str) -> None:
         refused = client.post("/v1/videos", json={"prompt": "one too many", **SMALL})
         assert refused.status_code == 429 and refused.headers["Retry-After"] == "2", refused.text
         for video_id in accepted:
-            client.delete(f"/v1/videos/{video_id}")
+            client.post(f"/v1/videos/{video_id}/cancel")
         for video_id in accepted:
             assert _wait(client, video_id)["job_status"] == "cancelled"
         assert client.post("/v1/videos", json={"prompt": "room again", **SMALL}).status_code == 200
