@@ -191,8 +191,9 @@ def client(service: Service) -> Iterator[httpx.Client]:
 def test_killed_stage_actor_is_replaced_and_every_job_succeeds(client: httpx.Client, actor_class: str) -> None:
     """Job A is mid-denoise and B waits behind it when one actor of a stage dies: the text encoder
     (B's encode finds it dead), A's DiT rank (A's chunk fails, the group is rebuilt) or the VAE
-    decoder (A's decode finds it dead). The job that hit the dead actor is retried once, on the
-    replacement, and both jobs succeed."""
+    decoder (A's decode finds it dead). Either the periodic health check replaces the dead actor
+    before a job reaches it, or the job that hits it is retried once on the replacement; both jobs
+    succeed either way."""
     replica = _replica()
     (victim,) = _children(replica, actor_class)
     first = _submit(client, f"A, {actor_class}", num_inference_steps=LONG_STEPS)
@@ -200,9 +201,8 @@ def test_killed_stage_actor_is_replaced_and_every_job_succeeds(client: httpx.Cli
     _kill(victim)
     second = _submit(client, f"B, {actor_class}")
     finals = _assert_succeeded(client, [first, second])
-    assert sum(f["attempts"] for f in finals) == 1, [f["attempts"] for f in finals]
     hit = finals[1] if actor_class == "TextEncoderActor" else finals[0]
-    assert hit["attempts"] == 1, hit
+    assert sum(f["attempts"] for f in finals) == hit["attempts"] <= 1, [f["attempts"] for f in finals]
     (replacement,) = _children(replica, actor_class)
     assert replacement["Pid"] != victim["Pid"]
     assert _replica()["ActorID"] == replica["ActorID"], "a stage actor's death must not cost the replica"

@@ -187,7 +187,7 @@ def test_a_hung_call_is_cut_off_and_the_actor_replaced(ray_cluster: None, tiny_m
 
 
 def test_start_fails_clearly_when_resources_are_missing(ray_cluster: None, run: Callable) -> None:
-    pool = StagePool("decode", VAEDecoderActor, ("unused", "cpu"), {}, PoolConfig(replicas=2, num_gpus=1,
+    pool = StagePool("decode", VAEDecoderActor, ("unused", "cpu"), {}, PoolConfig(replicas=2, num_cpus=0.5, num_gpus=1,
                                                                                    init_timeout_s=1))
     with pytest.raises(StageStartError, match=r"missing \{GPU: 2\}"):
         run(pool.start())
