@@ -37,8 +37,8 @@ import numpy as np
 import ray
 
 from actors.config import ServiceConfig
-from actors.errors import StageActorDied, StageStartError
-from actors.rank_group import RankActor, RankGroup, error_headline
+from actors.errors import StageActorDied, StageStartError, error_headline
+from actors.rank_group import RankActor, RankGroup
 from actors.stage_actors import resolve_checkpoint, resolve_dtype, resolve_model_folder
 from models.wan.checkpoint import WanCheckpoint, read_dit_config
 from parallel.mesh import LayoutError, ParallelLayout, resolve_layout

@@ -30,7 +30,7 @@ import numpy as np
 
 from actors.config import ServiceConfig
 from actors.dit_group import DiTGroup
-from actors.errors import StageActorDied
+from actors.errors import StageActorDied, error_headline
 from actors.job_store import TERMINAL_STATUSES, JobRecord, JobStore
 from actors.pool import GroupPool, StagePool
 from actors.resources import ClusterResources, check_fits, fit_to_cluster, placement_plan
@@ -332,8 +332,9 @@ class StageEngine:
         await self._update(job_id, status=status, **fields)
         self.metrics.job_finished(status)
 
-    async def _fail(self, job_id: str, error: str) -> None:
-        logger.warning("job %s failed: %s", job_id, error)
+    async def _fail(self, job_id: str, error: str, exc: BaseException | None = None) -> None:
+        """error: what the job record (and so the user) shows; exc: logged with its traceback."""
+        logger.warning("job %s failed: %s", job_id, error, exc_info=exc)
         await self._finish(job_id, "failed", error=error)
 
     async def _retry_or_fail(self, job_id: str, stage: str, exc: StageActorDied) -> None:
@@ -387,7 +388,7 @@ class StageEngine:
             return
         except Exception as exc:  # noqa: BLE001 - the job fails with the reason, the service goes on
             for job_id in batch:
-                await self._fail(job_id, f"text encoding failed: {exc}")
+                await self._fail(job_id, f"text encoding failed: {error_headline(exc)}", exc)
             return
         for job_id, (positive, negative) in zip(batch, outputs):
             await self._stage_finished(job_id, "text_encode")
@@ -446,7 +447,7 @@ class StageEngine:
             self._rebuild_dit(group_index)  # the worker waits for it before taking the next job
         except Exception as exc:  # noqa: BLE001
             self._owner.pop(job_id, None)
-            await self._fail(job_id, f"denoising failed: {exc}")
+            await self._fail(job_id, f"denoising failed: {error_headline(exc)}", exc)
             await group.drop(job_id)
 
     def _rebuild_dit(self, group_index: int) -> asyncio.Task[None]:
@@ -532,7 +533,7 @@ class StageEngine:
             await self._retry_or_fail(job_id, "decode", exc)
             return
         except Exception as exc:  # noqa: BLE001
-            await self._fail(job_id, f"decoding failed: {exc}")
+            await self._fail(job_id, f"decoding failed: {error_headline(exc)}", exc)
             return
         await self._stage_finished(job_id, "decode")
         await self._finish(job_id, "succeeded", result_path=result["path"], sidecar_path=result["sidecar"])

@@ -53,3 +53,11 @@ def first_line(exc: BaseException | None) -> str:
     """The headline of an error (Ray's death messages run to many lines of context)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def error_headline(exc: BaseException) -> str:
+    """"<type>: <first line>" of the error a stage actor raised, without the remote traceback Ray wraps
+    around it: what users see (job errors, HTTP messages); the full traceback goes to the log."""
+    cause = getattr(exc, "cause", None)  # a RayTaskError carries the exception the actor raised
+    error = cause if isinstance(cause, BaseException) else exc
+    return f"{type(error).__name__}: {first_line(error)}"

@@ -49,7 +49,7 @@ from ray.actor import ActorHandle
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.errors import StageActorDied, StageStartError, first_line, is_actor_death
+from actors.errors import StageActorDied, StageStartError, error_headline, first_line, is_actor_death
 from actors.pool import HEALTH_GROUP, kill_quietly, reserve_placement_group
 from actors.resources import bundle_resources
 from parallel.launch import free_port
@@ -57,13 +57,6 @@ from parallel.launch import free_port
 logger = logging.getLogger(__name__)
 
 GPU_RANK_ENV = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
-
-
-def error_headline(exc: BaseException) -> str:
-    """"<type>: <first line>" of a rank's own error, without the remote traceback Ray wraps around it."""
-    cause = getattr(exc, "cause", None)  # a RayTaskError carries the exception the rank raised
-    error = cause if isinstance(cause, BaseException) else exc
-    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def rank_cuda_device() -> str:
