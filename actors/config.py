@@ -22,7 +22,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class PoolConfig(_Strict):
+class _HealthChecked(_Strict):
+    """The periodic health check every stage's actors (or ranks) get from the engine."""
+
+    health_check_period_s: float = Field(5.0, gt=0, le=3600,
+                                         description="How often the engine pings every actor or rank of the stage "
+                                                     "(in its own health thread, so busy ones answer too); a dead "
+                                                     "or silent one is replaced (its group rebuilt) without waiting "
+                                                     "for a job, and /readyz says 503 until it is back.")
+    health_check_timeout_s: float = Field(30.0, gt=0, le=3600,
+                                          description="An actor or rank that does not answer a ping within this is "
+                                                      "treated as hung and replaced (its group rebuilt).")
+
+
+class PoolConfig(_HealthChecked):
     """A pool of identical stage actors, all in one placement group (one bundle per actor)."""
 
     replicas: int = Field(1, ge=1, le=64, description="Number of actors in the pool.")
@@ -37,14 +50,6 @@ class PoolConfig(_Strict):
                                   description="Longest one call (an encode batch, a decode) may take; after it the "
                                               "actor (or VAE group) is treated as hung: killed, replaced, and the "
                                               "job retried.")
-    health_check_period_s: float = Field(5.0, gt=0, le=3600,
-                                         description="How often the engine pings every actor of the pool (in its "
-                                                     "own health thread, so busy actors answer too); a dead or "
-                                                     "silent actor is replaced without waiting for a job, and "
-                                                     "/readyz says 503 until it is back.")
-    health_check_timeout_s: float = Field(30.0, gt=0, le=3600,
-                                          description="An actor that does not answer a ping within this is "
-                                                      "treated as hung and replaced.")
 
 
 class VAEConfig(PoolConfig):
@@ -63,7 +68,7 @@ class VAEConfig(PoolConfig):
                                              "and the job retried.")
 
 
-class DiTConfig(_Strict):
+class DiTConfig(_HealthChecked):
     """DiT groups: each is `world_size` rank actors in one STRICT_PACK placement group."""
 
     groups: int = Field(1, ge=1, le=64, description="Independent DiT groups (data parallel across requests).")
@@ -84,14 +89,6 @@ class DiTConfig(_Strict):
                                              "ranks get to finish it; ranks still running then are stuck in a "
                                              "collective the failed rank left, so the group is killed, rebuilt "
                                              "and the job retried.")
-    health_check_period_s: float = Field(5.0, gt=0, le=3600,
-                                         description="How often the engine pings every rank of every DiT group (in "
-                                                     "the ranks' health thread); a group with a dead or silent rank "
-                                                     "is rebuilt without waiting for a job, and /readyz says 503 "
-                                                     "until it is back.")
-    health_check_timeout_s: float = Field(30.0, gt=0, le=3600,
-                                          description="A rank that does not answer a ping within this is treated "
-                                                      "as hung and its group rebuilt.")
     cfg_degree: int | None = Field(None, ge=1, le=2,
                                    description="Ranks per request over the CFG branches (1 or 2). The three degrees "
                                                "must multiply to world_size; all unset = automatic layout, "

@@ -19,7 +19,7 @@ import pytest
 
 from actors.config import SCHEMA_MAX_FRAMES, SCHEMA_MAX_SIZE, SCHEMA_MAX_STEPS, LimitsConfig, ServiceConfig
 from models.wan.config import SamplingDefaults
-from parallel.launch import free_port
+from tests.serve_helpers import running_service
 from serve_app import ApiError, RequestContract
 from stages import params
 
@@ -100,24 +100,10 @@ APP = "smartdiff-contract"
 
 @pytest.fixture(scope="module")
 def service(ray_cluster: None, tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from ray import serve
-
-    from serve_app import build_app
-
-    work = tmp_path_factory.mktemp("contract")
-    port = free_port()
-    serve.shutdown()  # a Serve left running by another module would keep its own port
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    cfg = ServiceConfig.load(overrides={
-        "model": tiny_model, "job_store": str(work / "jobs.sqlite"), "output_dir": str(work / "out"),
-        "text_encoder.num_cpus": 0.5, "vae.num_cpus": 0.5, "dit.num_cpus": 0.5,
-        "scheduler.max_pending_jobs": 2, "scheduler.retry_after_s": 1,
-        "limits": {**TINY_LIMITS, "max_body_bytes": 4096, "image_timeout_s": 120}, "auth.api_keys": [KEY],
-    })
-    serve.run(build_app(cfg, name="ContractService"), name=APP, route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.delete(APP)
-    serve.shutdown()  # the next module starts Serve on its own port
+    with running_service(APP, tiny_model, tmp_path_factory.mktemp("contract"), {
+            "scheduler.max_pending_jobs": 2, "scheduler.retry_after_s": 1, "auth.api_keys": [KEY],
+            "limits": {**TINY_LIMITS, "max_body_bytes": 4096, "image_timeout_s": 120}}) as url:
+        yield url
 
 
 @pytest.fixture()

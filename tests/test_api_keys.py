@@ -14,7 +14,7 @@ import pytest
 from fastapi.security import HTTPAuthorizationCredentials
 
 from actors.config import AuthConfig, ServiceConfig
-from parallel.launch import free_port
+from tests.serve_helpers import running_service
 from serve_app import ApiError, ApiKeys
 
 LISTED, FILED = "listed-key-0123456789", "filed-key-9876543210"
@@ -52,24 +52,11 @@ def test_only_accepted_keys_pass() -> None:
 
 @pytest.fixture(scope="module")
 def service(ray_cluster: None, tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from ray import serve
-
-    from serve_app import build_app
-
     work = tmp_path_factory.mktemp("keys")
-    port = free_port()
-    serve.shutdown()  # a Serve left running by another module would keep its own port
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    cfg = ServiceConfig.load(overrides={
-        "model": tiny_model, "job_store": str(work / "jobs.sqlite"), "output_dir": str(work / "out"),
-        "text_encoder.num_cpus": 0.5, "vae.num_cpus": 0.5, "dit.num_cpus": 0.5,
-        "auth.api_keys": [LISTED], "auth.api_keys_file": str(_key_file(work)),
-        "limits.image_timeout_s": 0.01,  # no image is that fast: POST /v1/images/generations always times out here
-    })
-    serve.run(build_app(cfg, name="KeyedService"), name=APP, route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.delete(APP)
-    serve.shutdown()  # the next module starts Serve on its own port
+    with running_service(APP, tiny_model, work, {
+            "auth.api_keys": [LISTED], "auth.api_keys_file": str(_key_file(work)),
+            "limits.image_timeout_s": 0.01}) as url:  # no image is that fast: the image route always times out here
+        yield url
 
 
 @pytest.mark.slow

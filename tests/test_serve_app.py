@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from parallel.launch import free_port
+from tests.serve_helpers import running_service
 
 pytestmark = pytest.mark.slow
 
@@ -29,24 +29,9 @@ LONG = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 200, 
 
 @pytest.fixture(scope="module")
 def service(ray_cluster: None, tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from ray import serve
-
-    from actors.config import ServiceConfig
-    from serve_app import build_app
-
-    work = tmp_path_factory.mktemp("service")
-    port = free_port()
-    serve.shutdown()  # a Serve left running by another module would keep its own port
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    cfg = ServiceConfig.load(overrides={
-        "model": tiny_model, "job_store": str(work / "jobs.sqlite"), "output_dir": str(work / "out"),
-        "text_encoder.num_cpus": 0.5, "vae.num_cpus": 0.5, "dit.num_cpus": 0.5, "dit.chunk_steps": 1,
-        "scheduler.max_pending_jobs": 3, "scheduler.retry_after_s": 2,
-    })
-    serve.run(build_app(cfg), name=APP, route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.delete(APP)
-    serve.shutdown()  # the next module starts Serve on its own port
+    with running_service(APP, tiny_model, tmp_path_factory.mktemp("service"), {
+            "dit.chunk_steps": 1, "scheduler.max_pending_jobs": 3, "scheduler.retry_after_s": 2}) as url:
+        yield url
 
 
 def _wait(client: httpx.Client, video_id: str, timeout_s: float = 120) -> dict[str, Any]:

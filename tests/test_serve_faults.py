@@ -21,6 +21,8 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
+from tests.serve_helpers import serve_url, service_config
+
 pytestmark = pytest.mark.slow
 
 APP = "smartdiff-faults"
@@ -33,18 +35,19 @@ STARTUP_S = 240  # a fresh replica loads every stage; the machine is shared
 class Service:
     """The module's application: its URL and config overrides, and a way to (re)deploy it."""
 
-    def __init__(self, url: str, overrides: dict[str, Any]) -> None:
+    def __init__(self, url: str, model: str, work: Path, overrides: dict[str, Any]) -> None:
         self.url = url
+        self.model = model
+        self.work = work
         self.overrides = overrides
 
     def deploy(self, **changes: Any) -> None:
         """serve.run of the app with the module's config plus `changes`: in place if it is running."""
         from ray import serve
 
-        from actors.config import ServiceConfig
         from serve_app import build_app
 
-        cfg = ServiceConfig.load(overrides={**self.overrides, **changes})
+        cfg = service_config(self.model, self.work, {**self.overrides, **changes})
         # A dead replica is noticed at the next health check: check often. Stop an old replica
         # soon after its last request (the wait loop is how often it looks).
         app = build_app(cfg, health_check_period_s=1, health_check_timeout_s=10,
@@ -55,17 +58,10 @@ class Service:
 @pytest.fixture(scope="module")
 def service(ray_cluster: None, tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     from ray import serve
-    from ray.serve.context import _get_global_client
 
-    from parallel.launch import free_port
-
-    work = tmp_path_factory.mktemp("faults")
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    port = _get_global_client().http_config.port  # an earlier module may have started Serve on its own port
-    service = Service(f"http://127.0.0.1:{port}{ROUTE}", {
-        "model": tiny_model, "job_store": str(work / "jobs.sqlite"), "output_dir": str(work / "out"),
-        "text_encoder.num_cpus": 0.5, "vae.num_cpus": 0.5, "dit.num_cpus": 0.5, "dit.chunk_steps": 1,
-        "dit.init_timeout_s": STARTUP_S, "scheduler.max_attempts": 2, "job_store_lock_timeout_s": STARTUP_S})
+    service = Service(serve_url() + ROUTE, tiny_model, tmp_path_factory.mktemp("faults"), {
+        "dit.chunk_steps": 1, "dit.init_timeout_s": STARTUP_S, "scheduler.max_attempts": 2,
+        "job_store_lock_timeout_s": STARTUP_S})
     service.deploy()
     yield service
     serve.delete(APP)
@@ -271,7 +267,7 @@ def test_hot_upgrade_while_jobs_run_loses_no_accepted_job(service: Service, clie
     deploy_s = time.monotonic() - started
     new = _replica()
     assert new["ActorID"] != old["ActorID"] and len(_children(new, "VAEDecoderActor")) == 2
-    assert f"pid {new['Pid']} " in (Path(service.overrides["job_store"] + ".lock").read_text())
+    assert f"pid {new['Pid']} " in ((service.work / "jobs.sqlite.lock").read_text())
 
     finals = _assert_succeeded(client, jobs)
     old_end_ms = _actor_info(old["ActorID"])["EndTime"]
