@@ -631,7 +631,8 @@ class VideoService:
 
     def build_api(self) -> FastAPI:
         codes = "\n".join(f"| {code} | {why} |" for code, (why, _) in _WHY.items())
-        app = FastAPI(title="Smart-Diffusion", version="0.1.0", description=_DESCRIPTION + codes, openapi_tags=[
+        app = FastAPI(title="Smart-Diffusion", version="0.1.0", description=_DESCRIPTION + codes,
+                      docs_url=None, redoc_url=None, openapi_tags=[
             {"name": "videos", "description": "Create, follow, download, cancel and delete video jobs."},
             {"name": "images", "description": "Text-to-image (one frame), synchronous."},
             {"name": "service", "description": "Models, liveness and readiness."}])
@@ -674,6 +675,7 @@ class VideoService:
         app.add_api_route("/readyz", self.readyz, methods=["GET"], tags=["service"], summary="Readiness",
                           responses={**_responses(ok=Readiness),
                                      503: {"model": Readiness, "description": "The engine is not running."}})
+        _add_offline_docs(app)
         app.add_middleware(BodyLimit, max_bytes=self.cfg.limits.max_body_bytes)
         _install_error_handlers(app)
         app.openapi = partial(self._openapi, app)  # type: ignore[method-assign]
@@ -819,6 +821,25 @@ class VideoService:
         """Readiness: 200 while the stage engine runs, 503 otherwise; with queue depths (open without a key)."""
         snapshot = self.engine.snapshot()
         return JSONResponse(snapshot, status_code=200 if snapshot["ready"] else 503)
+
+
+def _add_offline_docs(app: FastAPI) -> None:
+    """/docs with Swagger UI's files served by the service itself (FastAPI's default page loads them from
+    a CDN, which leaves it blank in a cluster without internet access)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs-static", StaticFiles(directory=str(swagger_ui_path)), name="docs-static")
+
+    async def docs(request: Request) -> Any:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="Smart-Diffusion API",
+                                   swagger_js_url=f"{root}/docs-static/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}/docs-static/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}/docs-static/favicon-32x32.png")
+
+    app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
