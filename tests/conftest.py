@@ -29,6 +29,16 @@ def ray_cluster() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
+def head_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A `ray start --head` cluster of its own (tests.local_cluster.HeadNode), shared by the batch and
+    `serve deploy` tests; each leaves it as it found it."""
+    from tests.local_cluster import head_node as start_head_node
+
+    with start_head_node(tmp_path_factory.mktemp("raytmp")) as node:
+        yield node
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The wan-tiny checkpoint with seeded random weights, in a temporary folder (never the user's cache)."""
     from models.wan.default_model import write_random_checkpoint

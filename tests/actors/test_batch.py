@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
-
 import pytest
 
 from actors.batch import read_items
-from parallel.launch import free_port
-from tests.local_cluster import stop_processes_naming
+from tests.local_cluster import HeadNode
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -33,30 +28,6 @@ def test_read_items_keys_and_bad_lines(tmp_path: Path) -> None:
     assert read_items(path)[3].key == items[3].key, "keys must be stable across runs"
 
 
-@pytest.fixture(scope="module")
-def head_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A separate local Ray cluster started as a user would (`ray start --head`: Ray's default resources, as
-    many CPUs as the machine has cores), stopped by its own temp dir's processes."""
-    temp = tmp_path_factory.mktemp("raytmp")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    dashboard = free_port()
-    # Every port explicit: a default one (e.g. the agent's 52365) may be held by another Ray on this machine,
-    # and the job agent then never comes up ("No available agent to submit job").
-    ports = [f"--{name}={free_port()}" for name in (
-        "port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
-    subprocess.run([RAY, "start", "--head", *ports, "--include-dashboard=true",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
-                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
-    env["RAY_API_SERVER_ADDRESS"] = env["RAY_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
-    try:
-        yield env
-    finally:
-        stop_processes_naming(temp)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
 def _submit(env: dict[str, str], args: list[str]) -> subprocess.CompletedProcess[str]:
     """`ray job submit`, retried while the fresh head's job agent is still starting (its 500 says so)."""
     deadline = time.monotonic() + 90
@@ -70,7 +41,7 @@ def _submit(env: dict[str, str], args: list[str]) -> subprocess.CompletedProcess
 
 
 @pytest.mark.slow
-def test_ray_job_submit_batch_and_resume(head_node: dict[str, str], tiny_model: str, tmp_path: Path) -> None:
+def test_ray_job_submit_batch_and_resume(head_node: HeadNode, tiny_model: str, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join([
         json.dumps({"id": "red", "prompt": "a red circle moving left", "height": 32, "width": 32, "num_frames": 5,
@@ -83,7 +54,7 @@ def test_ray_job_submit_batch_and_resume(head_node: dict[str, str], tiny_model: 
     out = tmp_path / "out"
     args = ["--input", str(prompts), "--output", str(out), "--set", f"model={tiny_model}", "--quiet"]
 
-    first = _submit(head_node, args)
+    first = _submit(head_node.env, args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     by_key = {row["key"]: row for row in rows}
@@ -93,7 +64,7 @@ def test_ray_job_submit_batch_and_resume(head_node: dict[str, str], tiny_model: 
     assert by_key["bad"]["status"] == "failed" and "height" in by_key["bad"]["error"]
     assert [row["status"] for row in rows][3] == "failed" and rows[3]["error"].startswith("line 4")
 
-    second = _submit(head_node, args)
+    second = _submit(head_node.env, args)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     again = {row["key"]: row for row in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
     assert again["red"]["skipped"] and again["blue"]["skipped"], again
