@@ -379,6 +379,8 @@ class JobEvent(BaseModel):
     progress: float = Field(ge=0, le=1)
     step: int
     total_steps: int
+    attempts: int = Field(description="Retries so far: after a stage actor died the job runs that stage again, "
+                                      "so its step and progress restart (denoising from step 0).")
     error: str | None
 
 

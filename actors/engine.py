@@ -286,7 +286,8 @@ class StageEngine:
     @staticmethod
     def _event(record: JobRecord) -> dict[str, Any]:
         return {"id": record.id, "status": record.status, "progress": round(record.progress, 4),
-                "step": record.step, "total_steps": record.total_steps, "error": record.error}
+                "step": record.step, "total_steps": record.total_steps, "attempts": record.attempts,
+                "error": record.error}
 
     def _publish(self, record: JobRecord) -> None:
         event = self._event(record)
@@ -343,7 +344,10 @@ class StageEngine:
             await self._fail(job_id, f"{exc} (gave up after {attempts} attempts)")
             return
         logger.warning("job %s: %s; retrying %s (attempt %d)", job_id, exc, stage, attempts + 1)
-        await self._store(self.store.update, job_id, attempts=attempts)
+        # A denoising retry starts again at step 0: say so now (progress drops once, with attempts + 1)
+        # rather than show the lost steps until the rebuilt group restarts the job.
+        restart = {"step": 0} if stage == "denoise" else {}
+        await self._update(job_id, attempts=attempts, **restart)
         self.scheduler.retry(job_id, stage)
 
     async def _notify(self) -> None:

@@ -211,7 +211,7 @@ def test_job_fails_naming_the_stage_when_its_retries_run_out(client: httpx.Clien
     job = _submit(client, "unlucky", num_inference_steps=LONG_STEPS)
     killed_epoch = 0.0
     for attempt in (0, 1):
-        # denoising on a live group: a retried job shows its old step until the rebuilt group restarts it
+        # denoising on a live group (a retried job is back at step 0 until the rebuilt group restarts it)
         _until(client, job, lambda b, a=attempt, t=killed_epoch: b["attempts"] == a and b["step"] >= 2
                and b["job_status"] == "denoising" and b["stage_times"]["denoise"][0] > t)
         (rank,) = _children(replica, "DiTRankActor")

@@ -126,15 +126,26 @@ def test_killed_dit_rank_is_retried_and_the_next_job_succeeds(
         await engine.start()
         try:
             job = await engine.submit(LONG)
+            events: list[dict[str, Any]] = []
+
+            async def follow() -> None:
+                async for event in engine.events(job.id):
+                    events.append(event)
+            follower = asyncio.ensure_future(follow())
             await _until(lambda: engine.status(job.id).step >= 2)
             ray.kill(engine.dit_groups[0].ranks[1])
             # the job is retried on the rebuilt group, from its first step
             await _until(lambda: engine.status(job.id).attempts == 1, timeout_s=90)
+            # the event that announces the retry says so, with the step back at 0
+            first_try = [e for e in events if e["attempts"] == 0]
+            retry = events[len(first_try)]
+            assert max(e["step"] for e in first_try) >= 2 and retry["attempts"] == 1 and retry["step"] == 0, events
             await _until(lambda: engine.status(job.id).status == "denoising" and engine.status(job.id).step >= 1,
                          timeout_s=90)
             final = await engine.cancel(job.id)
             final = await engine.wait(job.id, timeout_s=60)
             assert final.status == "cancelled" and final.attempts == 1
+            await asyncio.wait_for(follower, 10)
             after = await engine.generate(SMALL, timeout_s=120)
             assert after.status == "succeeded" and Path(after.result_path).is_file()
         finally:
