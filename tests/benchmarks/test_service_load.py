@@ -22,11 +22,13 @@ def test_percentile_is_nearest_rank() -> None:
 
 @pytest.mark.slow
 def test_overload_is_refused_with_retry_after_and_nothing_accepted_is_lost(tmp_path: Path) -> None:
-    """A queue of 2 and 8 creates per second: some answers are 429, every accepted job completes."""
+    """A queue of 2 and 12 creates per second of jobs that take about 0.2-0.5 s each (the embedded model's
+    64x64x17 frames, 8 steps): the service can finish at most a few per second, so some answers must be 429,
+    and every accepted job completes."""
     out = tmp_path / "load.json"
     done = subprocess.run(
-        [sys.executable, "benchmarks/service_load.py", "--clients", "4", "--rate", "8", "--duration", "3",
-         "--drain", "90", "--size", "32x32x5x4", "--set", "scheduler.max_pending_jobs=2",
+        [sys.executable, "benchmarks/service_load.py", "--clients", "4", "--rate", "12", "--duration", "3",
+         "--drain", "90", "--size", "64x64x17x8", "--set", "scheduler.max_pending_jobs=2",
          "--set", "scheduler.retry_after_s=1", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
