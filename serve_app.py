@@ -595,8 +595,8 @@ class VideoService:
         self.cfg = ServiceConfig.model_validate(config)
         self.keys = ApiKeys(self.cfg.auth.keys())
         self.engine = StageEngine(self.cfg, metrics=ServeMetrics())
-        self.model_name = self.engine.preset.name
-        self.contract = RequestContract(self.cfg.limits, self.engine.preset.defaults, self.model_name)
+        self.model_name = self.engine.model.name
+        self.contract = RequestContract(self.cfg.limits, self.engine.model.defaults, self.model_name)
         self.output_dir = Path(self.cfg.output_dir).resolve()
         self._retry = {"Retry-After": str(self.cfg.scheduler.retry_after_s)}
         await self.engine.start()

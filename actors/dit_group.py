@@ -40,7 +40,7 @@ from actors.config import ServiceConfig
 from actors.errors import StageActorDied, StageStartError, error_headline
 from actors.rank_group import RankActor, RankGroup
 from actors.stage_actors import resolve_checkpoint, resolve_dtype, resolve_model_folder
-from models.wan.checkpoint import WanCheckpoint, read_dit_config
+from models import registry
 from parallel.mesh import LayoutError, ParallelLayout, resolve_layout
 
 if TYPE_CHECKING:
@@ -229,14 +229,11 @@ class DiTGroup(RankGroup):
 
     def _resolve_layout(self, model: str) -> ParallelLayout:
         """The configured (or automatic) layout for this model, or StageStartError saying why it cannot run."""
-        checkpoint = WanCheckpoint.resolve(model)
-        config, _ = read_dit_config(checkpoint.transformer_dirs[0])
-        defaults = checkpoint.preset.defaults
-        guided = defaults.guidance_scale != 1.0 or (checkpoint.preset.guidance_scale_2 or 1.0) != 1.0
+        described = registry.describe(model)
         dit = self.cfg.dit
         try:
-            return resolve_layout(self.world_size, config.num_heads, guided, dit.cfg_degree, dit.ring_degree,
-                                  dit.ulysses_degree)
+            return resolve_layout(self.world_size, described.num_heads, described.guided_by_default, dit.cfg_degree,
+                                  dit.ring_degree, dit.ulysses_degree)
         except LayoutError as exc:
             raise StageStartError(STAGE, f"DiT group {self.group_index}: {exc}") from None
 

@@ -37,7 +37,7 @@ from actors.resources import ClusterResources, check_fits, fit_to_cluster, place
 from actors.scheduler import QueueFull, StageScheduler
 from actors.stage_actors import TextEncoderActor, VAEDecoderActor
 from actors.vae_group import VAEGroup
-from models.wan.checkpoint import WanCheckpoint
+from models.registry import describe
 from models.wan.default_model import resolve_model_path
 from stages.media import output_suffix
 from stages.params import GenerationParams, ResolvedParams
@@ -99,8 +99,7 @@ class StageEngine:
         self.cfg = cfg = fit_to_cluster(cfg, cluster)
         check_fits(placement_plan(cfg), cluster)
         self.model_path = resolve_model_path(cfg.model)
-        self.checkpoint = WanCheckpoint.resolve(self.model_path)
-        self.preset = self.checkpoint.preset
+        self.model = describe(self.model_path)  # the served model, as every layer above models/ sees it
         self.store = store or JobStore(cfg.job_store)
         self.metrics: EngineMetrics = metrics or NullMetrics()
         self.scheduler = StageScheduler(cfg.scheduler.max_pending_jobs)
@@ -191,7 +190,7 @@ class StageEngine:
         """Validate (pydantic.ValidationError names the field) and fill the model's defaults."""
         if not isinstance(params, GenerationParams):
             params = GenerationParams.model_validate(params)
-        return params.resolve(self.preset.defaults, self.preset.guidance_scale_2)
+        return params.resolve(self.model)
 
     async def submit(self, params: GenerationParams | Mapping[str, Any], *, priority: int = 0, kind: str = "video",
                      key: str | None = None) -> JobRecord:
@@ -280,7 +279,7 @@ class StageEngine:
         stages = {"text_encode": self.text_pool.health(), "denoise": self._dit_health(),
                   "decode": self.vae_pool.health()}
         return {"ready": self.ready and all(state == "ok" for state in stages.values()), "stages": stages,
-                "queues": self.scheduler.snapshot(), "model": str(self.model_path), "preset": self.preset.name}
+                "queues": self.scheduler.snapshot(), "model": str(self.model_path), "preset": self.model.name}
 
     # ------------------------------------------------------------------ bookkeeping
     @staticmethod
@@ -528,7 +527,7 @@ class StageEngine:
         record = self.status(job_id)
         await self._stage_started(job_id, "decode", "decoding")
         path = self.output_dir.resolve() / f"{job_id}{output_suffix(params.num_frames)}"
-        sidecar = {"id": job_id, "model": str(self.model_path), "preset": self.preset.name,
+        sidecar = {"id": job_id, "model": str(self.model_path), "preset": self.model.name,
                    "params": params.model_dump(), "created_at": record.created_at,
                    "timings_s": self.status(job_id).timings}
         try:

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     pipeline = Pipeline.from_pretrained(args.model)
     load_s = time.perf_counter() - start
-    defaults = pipeline.preset.defaults
+    defaults = pipeline.model.defaults
     grid = list(itertools.product(
         [int(v) for v in _floats(args.steps)] if args.steps else [defaults.num_inference_steps],
         _floats(args.guidance) if args.guidance else [defaults.guidance_scale],
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "benchmark": "tiny_accuracy",
         "command": ".venv/bin/python benchmarks/tiny_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "model": pipeline.model_name, "preset": pipeline.preset.name,
+        "model": pipeline.model_name, "preset": pipeline.model.name,
         "prompts": len(specs), "targets": TARGETS, "model_load_s": load_s,
         "runs": runs, "references": references,
         "machine": {"cores": os.cpu_count(), "torch_threads": args.threads, "torch": torch.__version__,
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         acc = ref["accuracy"]
         lines.append(f"| {name} | {acc['colour']:.1%} | {acc['shape']:.1%} | {acc['direction']:.1%} | "
                      f"{acc['all']:.1%} | - |")
-    print(f"\n{len(specs)} prompts x {len(runs)} setting(s), {pipeline.preset.name}; targets colour/direction >= 90%, "
+    print(f"\n{len(specs)} prompts x {len(runs)} setting(s), {pipeline.model.name}; targets colour/direction >= 90%, "
           f"shape >= 80%\n" + "\n".join(lines))
     best = runs[0]
     for attr in ATTRIBUTES:

@@ -88,7 +88,7 @@ def peak_memory_mb(device: str) -> dict[str, float]:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from models.wan.checkpoint import WanCheckpoint  # heavy imports only once the arguments are known
+    from models.registry import describe  # heavy imports only once the arguments are known
     from models.wan.default_model import resolve_model_path
 
     fields = {PARAM_FLAGS[k]: v for k, v in vars(args).items() if k in PARAM_FLAGS and v is not None}
@@ -99,13 +99,12 @@ def generate(args: argparse.Namespace) -> int:
         return 2
     try:
         root = resolve_model_path(args.model)
-        checkpoint = WanCheckpoint.resolve(root)
+        model = describe(root)
     except (CheckpointError, ValueError) as exc:
         print(f"smartdiff: cannot load the model: {exc}", file=sys.stderr)
         return 1
-    preset = checkpoint.preset
     try:
-        resolved = params.resolve(preset.defaults, preset.guidance_scale_2)
+        resolved = params.resolve(model)
     except pydantic.ValidationError as exc:
         print(f"smartdiff: invalid request:\n{format_validation_error(exc)}", file=sys.stderr)
         return 2
@@ -113,7 +112,7 @@ def generate(args: argparse.Namespace) -> int:
     try:
         if args.world_size < 1:
             raise LayoutError(f"--world-size must be at least 1, got {args.world_size}")
-        layout = resolve_layout(args.world_size, preset.dit.num_heads, resolved.guided, *degrees,
+        layout = resolve_layout(args.world_size, model.num_heads, resolved.guided, *degrees,
                                 world_label="--world-size")
     except LayoutError as exc:
         print(f"smartdiff: invalid parallel layout: {exc}", file=sys.stderr)
@@ -132,16 +131,16 @@ def generate(args: argparse.Namespace) -> int:
     out = args.out or Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{resolved.seed}"
     out = out.with_suffix(output_suffix(run["frames"].shape[0]))
     frames = run["frames"]
-    media = write_media(frames, out, fps=preset.defaults.fps)
+    media = write_media(frames, out, fps=model.defaults.fps)
     record: dict[str, Any] = {
         "model": str(root),
-        "preset": preset.name,
+        "preset": model.name,
         "params": resolved.model_dump(),
         "output": str(media),
         "frames": int(frames.shape[0]),
         "height": int(frames.shape[1]),
         "width": int(frames.shape[2]),
-        "fps": preset.defaults.fps,
+        "fps": model.defaults.fps,
         "device": args.device,
         "dtype": run["dtype"],
         "world_size": layout.world_size,

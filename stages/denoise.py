@@ -16,6 +16,7 @@ import torch
 
 from models.attention import AttentionFn, auto_attention
 from models.wan.checkpoint import WanCheckpoint
+from models.wan.config import WAN_LATENT
 from models.wan.transformer import WanTransformer
 from parallel.dit import ContextParallelDiT
 from parallel.mesh import ParallelMesh
@@ -25,23 +26,13 @@ from stages.embeddings import PromptEmbeddings
 
 logger = logging.getLogger(__name__)
 
-# Wan-VAE 2.1 compression (time, space) and latent channels: the DiT's latent grid follows from them.
-VAE_TEMPORAL_STRIDE = 4
-VAE_SPATIAL_STRIDE = 8
-LATENT_CHANNELS = 16
-
 ProgressFn = Callable[[int, int], None]
 """Called as progress(steps_done, total_steps) after every denoising step."""
 
 
 def latent_shape(num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
     """(C, F', H', W') of the latents for a video of num_frames x height x width (frames 4n+1)."""
-    return (
-        LATENT_CHANNELS,
-        (num_frames - 1) // VAE_TEMPORAL_STRIDE + 1,
-        height // VAE_SPATIAL_STRIDE,
-        width // VAE_SPATIAL_STRIDE,
-    )
+    return WAN_LATENT.latent_shape(num_frames, height, width)
 
 
 def initial_noise(params: ResolvedParams) -> torch.Tensor:

@@ -28,8 +28,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-# Wan's default negative prompt lives with the model configs (the tiny model trains its unconditional branch on it).
-from models.wan.config import WAN_DEFAULT_NEGATIVE_PROMPT, SamplingDefaults
+from models.family import ModelDescription
 from stages.sampler_names import SAMPLER_NAMES, SamplerName
 
 logger = logging.getLogger(__name__)
@@ -167,12 +166,14 @@ class GenerationParams(BaseModel):
             details = [_readable_error(e) for e in exc.errors()]
             raise ValidationError.from_exception_data(exc.title, details) from None
 
-    def resolve(self, defaults: SamplingDefaults, guidance_scale_2_default: float | None = None) -> ResolvedParams:
+    def resolve(self, model: ModelDescription) -> ResolvedParams:
         """Fill every empty field from the model's defaults and draw a seed if none was given.
 
-        guidance_scale_2_default: the low-noise expert's default guidance of a two-expert model,
-        None for single-expert models (whose resolved guidance_scale_2 then equals guidance_scale).
+        The second expert's guidance (model.guidance_scale_2) exists only for two-expert models; for the
+        others the resolved guidance_scale_2 equals guidance_scale. An empty negative prompt becomes the
+        model's own (Wan's default negative prompt; its tiny model trains its unconditional branch on it).
         """
+        defaults, guidance_scale_2_default = model.defaults, model.guidance_scale_2
         guidance = self.guidance_scale if self.guidance_scale is not None else defaults.guidance_scale
         if guidance_scale_2_default is None:
             if self.guidance_scale_2 is not None:
@@ -186,7 +187,7 @@ class GenerationParams(BaseModel):
         seed = self.seed if self.seed is not None else secrets.randbelow(MAX_SEED + 1)
         return ResolvedParams(
             prompt=self.prompt,
-            negative_prompt=self.negative_prompt or WAN_DEFAULT_NEGATIVE_PROMPT,
+            negative_prompt=self.negative_prompt or model.negative_prompt,
             height=self.height if self.height is not None else defaults.height,
             width=self.width if self.width is not None else defaults.width,
             num_frames=self.num_frames if self.num_frames is not None else defaults.num_frames,

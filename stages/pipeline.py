@@ -15,8 +15,9 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from models.family import ModelDescription
+from models.wan import family as wan_family
 from models.wan.checkpoint import WanCheckpoint
-from models.wan.config import WanPreset
 from parallel.mesh import ParallelMesh
 from stages.decode import DecodeStage
 from stages.denoise import DenoiseStage, ProgressFn
@@ -46,12 +47,12 @@ class Pipeline:
     """
 
     def __init__(self, text_stage: TextEncodeStage, denoise_stage: DenoiseStage, decode_stage: DecodeStage,
-                 preset: WanPreset, model_name: str = "", mesh: ParallelMesh | None = None) -> None:
+                 model: ModelDescription, model_name: str = "", mesh: ParallelMesh | None = None) -> None:
         self.text_stage = text_stage
         self.denoise_stage = denoise_stage
         self.decode_stage = decode_stage
-        self.preset = preset
-        self.model_name = model_name or preset.name
+        self.model = model
+        self.model_name = model_name or model.name
         self.mesh = mesh
 
     @classmethod
@@ -70,7 +71,7 @@ class Pipeline:
                                             dtype=dtype, device=device),
             DenoiseStage.from_pretrained(checkpoint, dtype=dtype, device=device, mesh=mesh),
             DecodeStage.from_pretrained(checkpoint.vae, device=device),
-            checkpoint.preset,
+            wan_family.describe(root),
             model_name=str(root),
             mesh=mesh,
         )
@@ -81,7 +82,7 @@ class Pipeline:
             return params
         if not isinstance(params, GenerationParams):
             params = GenerationParams.model_validate(params)
-        return params.resolve(self.preset.defaults, self.preset.guidance_scale_2)
+        return params.resolve(self.model)
 
     def generate(self, params: GenerationParams | ResolvedParams | Mapping[str, Any], progress: ProgressFn | None = None,
                  latents: torch.Tensor | None = None) -> GenerationResult:

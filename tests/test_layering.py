@@ -99,9 +99,9 @@ def test_engine_resolves_the_model_and_builds_its_app_without_torch(tmp_path: Pa
                                             "output_dir": {str(tmp_path / "out")!r}}})
         build_app(cfg)
         engine = StageEngine(cfg)
-        assert engine.preset.name == "wan-tiny-shapes", engine.preset.name
-        resolved = GenerationParams(prompt="a red circle").resolve(engine.preset.defaults)
-        assert resolved.sampler == "unipc" and resolved.height == engine.preset.defaults.height
+        assert engine.model.name == "wan-tiny-shapes", engine.model.name
+        resolved = GenerationParams(prompt="a red circle").resolve(engine.model)
+        assert resolved.sampler == "unipc" and resolved.height == engine.model.defaults.height
     """, ("torch", "transformers"), must_load=("ray",))
 
 
@@ -115,12 +115,13 @@ def test_dit_rank_never_imports_transformers() -> None:
         import parallel.dit, parallel.attention  # the context-parallel path of multi-rank groups
         from actors.dit_group import DiTRankActor
         from actors.stage_actors import resolve_checkpoint
+        from models.wan import family as wan_family
         from stages.params import GenerationParams
 
         rank = DiTRankActor(0, 1, "wan-tiny-shapes", "fp32", "cpu")
         preset = resolve_checkpoint("wan-tiny-shapes").preset
         params = GenerationParams(prompt="x", height=32, width=32, num_frames=5, num_inference_steps=2, seed=0)
-        resolved = params.resolve(preset.defaults).model_dump()
+        resolved = params.resolve(wan_family.description(preset)).model_dump()
         text = np.zeros((4, preset.dit.text_dim), dtype=np.float32)
         assert rank.start("j", resolved, text, text) == 2
         assert list(rank.run_steps("j", 2))[-1]["done"]  # a streaming call: early report, then the result

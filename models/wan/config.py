@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.family import LatentGeometry, SamplingDefaults  # SamplingDefaults is also imported from here
+
 # Keys of the original `config.json` that carry no network shape information.
 _ORIGINAL_META_KEYS = {"_class_name", "_diffusers_version", "model_type", "__name__"}
 
@@ -156,18 +158,9 @@ WAN_DEFAULT_NEGATIVE_PROMPT = (
 )
 
 
-@dataclass(frozen=True)
-class SamplingDefaults:
-    """What a request gets for every field it leaves empty (user params, per model)."""
-
-    height: int = 480
-    width: int = 832
-    num_frames: int = 81
-    num_inference_steps: int = 50
-    guidance_scale: float = 5.0
-    shift: float = 5.0
-    sampler: str = "unipc"
-    fps: int = 16
+# The Wan-VAE 2.1 compression (4x in time after the first frame, 8x in space) and latent channels,
+# and the DiT's (1, 2, 2) patches: the DiT's token grid follows from them.
+WAN_LATENT = LatentGeometry(channels=16, temporal_stride=4, spatial_stride=8, patch=(1, 2, 2))
 
 
 @dataclass(frozen=True)

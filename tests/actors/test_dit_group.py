@@ -14,6 +14,7 @@ import ray
 from actors.config import DiTConfig, ServiceConfig
 from actors.dit_group import DiTGroup
 from actors.errors import StageActorDied, StageStartError
+from models.wan import family as wan_family
 from models.wan.checkpoint import WanCheckpoint
 from stages.denoise import DenoiseStage
 from stages.params import GenerationParams, ResolvedParams
@@ -28,7 +29,7 @@ def request_data(tiny_model: str) -> tuple[ResolvedParams, np.ndarray, np.ndarra
     checkpoint = WanCheckpoint.resolve(tiny_model)
     params = GenerationParams(prompt="a red circle moving left", height=32, width=32, num_frames=5,
                               num_inference_steps=STEPS, guidance_scale=5.0, seed=11).resolve(
-        checkpoint.preset.defaults, checkpoint.preset.guidance_scale_2)
+        wan_family.description(checkpoint.preset))
     (emb,) = TextEncodeStage.from_pretrained(checkpoint.text_encoder, checkpoint.preset.dit.text_len).run(
         [(params.prompt, params.negative_prompt)])
     assert emb.negative is not None

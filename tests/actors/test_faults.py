@@ -25,6 +25,7 @@ from actors.engine import StageEngine
 from actors.errors import StageActorDied
 from actors.job_store import JobRecord, JobStore
 from actors.vae_group import VAEGroup
+from models.registry import describe
 from models.wan.checkpoint import WanCheckpoint
 from stages.params import GenerationParams, ResolvedParams
 from tests.actors import fault_injection
@@ -42,8 +43,7 @@ SMALL = {"prompt": "a red circle", "height": 32, "width": 32, "num_frames": 5, "
 
 
 def _resolved(tiny_model: str, prompt: str) -> ResolvedParams:
-    preset = WanCheckpoint.resolve(tiny_model).preset
-    return GenerationParams(**{**SMALL, "prompt": prompt}).resolve(preset.defaults, preset.guidance_scale_2)
+    return GenerationParams(**{**SMALL, "prompt": prompt}).resolve(describe(tiny_model))
 
 
 def _embeddings(tiny_model: str) -> tuple[np.ndarray, np.ndarray]:

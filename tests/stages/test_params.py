@@ -8,19 +8,16 @@ import logging
 import pytest
 from pydantic import ValidationError
 
-from models.wan.config import SamplingDefaults, get_preset
-from stages.params import (
-    FIELD_RULES,
-    MAX_SEED,
-    WAN_DEFAULT_NEGATIVE_PROMPT,
-    GenerationParams,
-    format_validation_error,
-)
+from models.wan.config import WAN_DEFAULT_NEGATIVE_PROMPT, get_preset
+from models.wan.family import description
+from stages.params import FIELD_RULES, MAX_SEED, GenerationParams, format_validation_error
 
+
+WAN_1_3B = description(get_preset("wan2.1-t2v-1.3b"))  # a single-expert model with the default defaults
 
 def test_empty_fields_resolve_to_the_model_defaults() -> None:
     preset = get_preset("wan2.2-t2v-a14b")
-    r = GenerationParams(prompt="a cat surfing").resolve(preset.defaults, preset.guidance_scale_2)
+    r = GenerationParams(prompt="a cat surfing").resolve(description(preset))
     assert (r.height, r.width, r.num_frames, r.fps) == (480, 832, 81, 16)
     assert (r.num_inference_steps, r.shift, r.sampler) == (40, 12.0, "unipc")
     assert (r.guidance_scale, r.guidance_scale_2) == (4.0, 3.0)
@@ -33,7 +30,7 @@ def test_given_fields_override_the_defaults() -> None:
     params = GenerationParams(prompt="p", negative_prompt="blurry", height=720, width=1280, num_frames=17,
                               num_inference_steps=8, guidance_scale=6, guidance_scale_2=2.5, shift=8,
                               seed=7, sampler="dpm++")
-    r = params.resolve(SamplingDefaults(), guidance_scale_2_default=3.0)
+    r = params.resolve(description(get_preset("wan2.2-t2v-a14b")))
     assert (r.height, r.width, r.num_frames, r.num_inference_steps) == (720, 1280, 17, 8)
     assert (r.guidance_scale, r.guidance_scale_2, r.shift, r.seed, r.sampler) == (6.0, 2.5, 8.0, 7, "dpm++")
     assert r.negative_prompt == "blurry"
@@ -43,24 +40,24 @@ def test_default_negative_prompt_is_wans() -> None:
     assert WAN_DEFAULT_NEGATIVE_PROMPT.startswith("色调艳丽，过曝，静态，")
     assert WAN_DEFAULT_NEGATIVE_PROMPT.endswith("三条腿，背景人很多，倒着走")
     assert len(WAN_DEFAULT_NEGATIVE_PROMPT) == 137
-    empty = GenerationParams(prompt="p", negative_prompt="").resolve(SamplingDefaults())
+    empty = GenerationParams(prompt="p", negative_prompt="").resolve(WAN_1_3B)
     assert empty.negative_prompt == WAN_DEFAULT_NEGATIVE_PROMPT
 
 
 def test_single_expert_models_ignore_guidance_scale_2(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="stages.params"):
-        r = GenerationParams(prompt="p", guidance_scale=6.0, guidance_scale_2=2.0).resolve(SamplingDefaults(), None)
+        r = GenerationParams(prompt="p", guidance_scale=6.0, guidance_scale_2=2.0).resolve(WAN_1_3B)
     assert r.guidance_scale_2 == r.guidance_scale == 6.0
     assert "guidance_scale_2=2.0 ignored" in caplog.text
 
 
 def test_seed_is_drawn_when_empty_and_kept_when_given() -> None:
     params = GenerationParams(prompt="p")
-    seeds = {params.resolve(SamplingDefaults()).seed for _ in range(3)}
+    seeds = {params.resolve(WAN_1_3B).seed for _ in range(3)}
     assert len(seeds) == 3  # independent 63-bit draws
     assert all(0 <= s <= MAX_SEED for s in seeds)
     fixed = GenerationParams(prompt="p", seed=MAX_SEED)
-    assert fixed.resolve(SamplingDefaults()).seed == fixed.resolve(SamplingDefaults()).seed == MAX_SEED
+    assert fixed.resolve(WAN_1_3B).seed == fixed.resolve(WAN_1_3B).seed == MAX_SEED
 
 
 def test_boundary_values_are_accepted() -> None:

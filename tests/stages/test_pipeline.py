@@ -16,9 +16,9 @@ import pytest
 import torch
 from diffusers import UniPCMultistepScheduler, WanPipeline
 
+from models.wan.config import WAN_DEFAULT_NEGATIVE_PROMPT
 from models.wan.default_model import write_random_checkpoint
 from stages.denoise import initial_noise
-from stages.params import WAN_DEFAULT_NEGATIVE_PROMPT
 from stages.pipeline import Pipeline
 from stages.samplers import unipc_sigmas
 
@@ -68,7 +68,7 @@ def test_pipeline_matches_diffusers_wanpipeline(checkpoint: tuple[Path, int]) ->
     reference = _reference_pipeline(root, shift)
     assert (reference.transformer_2 is not None) == (experts == 2)
     common = dict(prompt=PROMPT, negative_prompt=WAN_DEFAULT_NEGATIVE_PROMPT, height=32, width=48, num_frames=9,
-                  num_inference_steps=steps, guidance_scale=4.0, max_sequence_length=ours.preset.dit.text_len,
+                  num_inference_steps=steps, guidance_scale=4.0, max_sequence_length=ours.model.text_len,
                   latents=noise[None].clone())
     if experts == 2:
         common["guidance_scale_2"] = 3.0

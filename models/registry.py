@@ -1,0 +1,41 @@
+"""The model families, and which one a checkpoint folder belongs to.
+
+Adding a family is adding its folder under `models/` with a `family.py` (see models/wan/family.py)
+and one line in `FAMILIES`. Family modules are imported only when asked about, and a family's
+`recognises` / `describe` read JSON and file names only, so resolving a checkpoint stays torch-free.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+
+from models.errors import CheckpointError
+from models.family import ModelDescription
+
+FAMILIES: dict[str, str] = {
+    "wan": "models.wan.family",
+}
+"""family name -> the module that recognises and describes its checkpoints."""
+
+
+def family_module(name: str) -> ModuleType:
+    """The module of family `name` (imported on first use)."""
+    try:
+        return importlib.import_module(FAMILIES[name])
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; the families are {', '.join(FAMILIES)}") from None
+
+
+def describe(path: str | Path) -> ModelDescription:
+    """The description of the checkpoint in folder `path`, from the first family that recognises it."""
+    root = Path(path).expanduser().resolve()
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {root}")
+    for name in FAMILIES:
+        module = family_module(name)
+        if module.recognises(root):
+            return module.describe(root)
+    raise CheckpointError(f"{root} is not a checkpoint of a known family ({', '.join(FAMILIES)}); see the README, "
+                          f"'Models and checkpoints', for the layouts each family loads")

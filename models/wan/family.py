@@ -1,0 +1,47 @@
+"""The Wan family's entry in the model registry: which folders are Wan checkpoints, and their description."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+from models.family import ModelDescription
+from models.wan.checkpoint import ORIGINAL_EXPERT_DIRS, WanCheckpoint
+from models.wan.config import WAN_DEFAULT_NEGATIVE_PROMPT, WAN_LATENT, WanPreset
+
+
+def recognises(root: Path) -> bool:
+    """A diffusers Wan pipeline folder, or an original release folder (a Wan DiT config at the root or
+    one per Wan2.2 expert). A folder that looks like Wan but lacks a part is still Wan's: `describe`
+    then says what is missing."""
+    index = root / "model_index.json"
+    if index.is_file():
+        try:
+            return str(json.loads(index.read_text()).get("_class_name", "")).startswith("Wan")
+        except (OSError, ValueError):
+            return False
+    configs = [root / "config.json"] if (root / "config.json").is_file() else [
+        root / d / "config.json" for d in ORIGINAL_EXPERT_DIRS]
+    try:
+        return all(json.loads(c.read_text()).get("_class_name") in (None, "WanModel") for c in configs)
+    except (OSError, ValueError):
+        return False
+
+
+def describe(root: Path) -> ModelDescription:
+    """The description of the Wan checkpoint in `root` (CheckpointError naming what is missing otherwise)."""
+    checkpoint = WanCheckpoint.resolve(root)
+    experts = {f"transformer{'' if i == 0 else f'_{i + 1}'}": d for i, d in enumerate(checkpoint.transformer_dirs)}
+    return description(checkpoint.preset, checkpoint.root,
+                       {**experts, "vae": checkpoint.vae, "text_encoder": checkpoint.text_encoder})
+
+
+def description(preset: WanPreset, root: Path = Path("."), components: Mapping[str, Path] | None = None
+                ) -> ModelDescription:
+    """What a Wan preset means to the layers above models/ (also for presets without a folder, e.g. in tests)."""
+    return ModelDescription(
+        family="wan", name=preset.name, root=root, output="video", num_heads=preset.dit.num_heads,
+        num_experts=preset.num_experts, guidance="cfg", defaults=preset.defaults, latent=WAN_LATENT,
+        text_len=preset.dit.text_len, guidance_scale_2=preset.guidance_scale_2,
+        negative_prompt=WAN_DEFAULT_NEGATIVE_PROMPT, components=dict(components or {}))
