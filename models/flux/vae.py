@@ -106,11 +106,13 @@ class MidAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = self.norm(x).view(b, c, h * w).transpose(1, 2)  # (B, HW, C)
+        tokens = self.norm(x.view(b, c, h * w)).transpose(1, 2)  # (B, HW, C)
         q, k, v = (self._linear(p, tokens).unsqueeze(1) for p in (self.q, self.k, self.v))  # (B, 1, HW, C)
         out = F.scaled_dot_product_attention(q, k, v).squeeze(1)
         out = self._linear(self.proj_out, out)
-        return x + out.transpose(1, 2).reshape(b, c, h, w)
+        # Attention first: the sum then keeps the output's (channels-last) strides, as in diffusers, so the
+        # next conv picks the same kernel and rounds identically.
+        return out.transpose(1, 2).reshape(b, c, h, w) + x
 
 
 class Downsample(nn.Module):
