@@ -138,3 +138,16 @@ def test_bad_arguments(release: Path) -> None:
         encoder.encode("a cat")
     with pytest.raises(ValueError, match="as many prompts_2"):
         encoder.encode(["a", "b"], ["c"])
+
+
+def test_released_encoder_shapes_on_meta() -> None:
+    from models.flux.text_config import CLIP_L_ARCH, FLUX1_DEV_TEXT, FLUX1_SCHNELL_TEXT, T5_XXL_ARCH
+    from models.loading import meta_device
+
+    with meta_device():
+        clip = CLIPTextModel(CLIPTextConfig(**CLIP_L_ARCH))
+        t5 = T5EncoderModel(T5Config(**T5_XXL_ARCH))
+    assert sum(p.numel() for p in clip.parameters()) == 123_060_480
+    assert sum(p.numel() for p in t5.parameters()) == 4_762_310_656
+    assert clip.config.hidden_size == FLUX1_DEV_TEXT.pooled_dim and t5.config.d_model == FLUX1_DEV_TEXT.context_dim
+    assert (FLUX1_DEV_TEXT.t5_max_length, FLUX1_SCHNELL_TEXT.t5_max_length) == (512, 256)
