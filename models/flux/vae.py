@@ -15,10 +15,12 @@ Latents are normalised as the DiT sees them: encode returns (mean - shift) * sca
 Encode uses the posterior mean, not a sample: inference (image-to-image, tests) wants determinism, and
 the FLUX pipelines take the mode as well.
 
-Strip-parallel decode (later): every 3x3 conv is padded by `_conv3x3` in one place and the attention
-sees the whole map in `MidAttention`, so a split decode needs halo rows there. Unlike Wan's per-pixel
-RMS norm, GroupNorm takes its statistics over all of H x W, so an exact split also has to all-reduce
-the per-group sums before every norm; `Decoder.forward` runs the layers in a flat, visible order for that.
+Strip-parallel decode: `decode(latents, split=...)` runs on one horizontal strip of latent rows, and
+`split` (a `RowSplit`, e.g. `parallel.flux_vae_decode.FluxRowSplit`) connects it to the other strips at
+the three places where rows meet: every 3x3 conv takes its H padding from the neighbours' boundary rows,
+every GroupNorm takes its statistics over the whole image (unlike Wan's per-pixel RMS norm, GroupNorm
+averages over all of H x W), and the mid-block attention runs on the gathered full map and keeps its own
+rows. Without a split (the default) the layers run exactly as in the single-device network.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +46,7 @@ from models.loading import (
     save_safetensors_sharded,
 )
 
-__all__ = ["DIFFUSERS_CLASS", "ORIGINAL_FILENAME", "FluxVAE", "config_from_diffusers_json",
+__all__ = ["DIFFUSERS_CLASS", "ORIGINAL_FILENAME", "FluxVAE", "RowSplit", "config_from_diffusers_json",
            "config_to_diffusers_json", "infer_config_from_original"]
 
 logger = logging.getLogger(__name__)
@@ -55,10 +57,37 @@ NORM_EPS = 1e-6
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Building blocks
+# 1. The row-split seam and the building blocks
 # ---------------------------------------------------------------------------------------------
+class RowSplit(Protocol):
+    """How a strip of a row-split decode reaches the other strips (x: (B, C, h, W), this strip's rows)."""
+
+    def pad(self, x: torch.Tensor, padding: tuple[int, int, int, int]) -> torch.Tensor:
+        """F.pad(x, padding) with the H pad rows taken from the neighbouring strips (zeros at the edges)."""
+
+    def group_norm(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        """`norm(x)` with the group mean and variance of the whole image, not of this strip."""
+
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """This strip -> the full map (all strips in order)."""
+
+    def local_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The full map -> this strip's rows."""
+
+
 def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=NORM_EPS, affine=True)
+
+
+def _norm(norm: nn.GroupNorm, x: torch.Tensor, split: RowSplit | None) -> torch.Tensor:
+    return norm(x) if split is None else split.group_norm(norm, x)
+
+
+def _conv(conv: nn.Conv2d, x: torch.Tensor, split: RowSplit | None) -> torch.Tensor:
+    """A 'same' 3x3 conv; in a split decode its padding comes through the split (the halo rows)."""
+    if split is None:
+        return conv(x)
+    return F.conv2d(split.pad(x, (1, 1, 1, 1)), conv.weight, conv.bias)
 
 
 def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
@@ -77,9 +106,9 @@ class ResnetBlock(nn.Module):
         self.conv2 = _conv3x3(out_channels, out_channels)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+    def forward(self, x: torch.Tensor, split: RowSplit | None = None) -> torch.Tensor:
+        h = _conv(self.conv1, F.silu(_norm(self.norm1, x, split)), split)
+        h = _conv(self.conv2, F.silu(_norm(self.norm2, h, split)), split)
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
@@ -104,7 +133,11 @@ class MidAttention(nn.Module):
     def _linear(conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
         return F.linear(tokens, conv.weight.flatten(1), conv.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, split: RowSplit | None = None) -> torch.Tensor:
+        """Every pixel attends to the whole map: a strip of a split decode gathers the full (latent-size)
+        map, attends on it and keeps its own rows, which gives the unsplit numbers."""
+        if split is not None:
+            return split.local_rows(self.forward(split.gather_rows(x)))
         b, c, h, w = x.shape
         tokens = self.norm(x.view(b, c, h * w)).transpose(1, 2)  # (B, HW, C)
         q, k, v = (self._linear(p, tokens).unsqueeze(1) for p in (self.q, self.k, self.v))  # (B, 1, HW, C)
@@ -133,8 +166,8 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = _conv3x3(channels, channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, split: RowSplit | None = None) -> torch.Tensor:
+        return _conv(self.conv, F.interpolate(x, scale_factor=2.0, mode="nearest"), split)
 
 
 class MidBlock(nn.Module):
@@ -146,8 +179,8 @@ class MidBlock(nn.Module):
         self.attn_1 = MidAttention(channels, groups)
         self.block_2 = ResnetBlock(channels, channels, groups)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
+    def forward(self, x: torch.Tensor, split: RowSplit | None = None) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x, split), split), split)
 
 
 class Level(nn.Module):
@@ -212,14 +245,15 @@ class Decoder(nn.Module):
         self.norm_out = _group_norm(widths[0], groups)
         self.conv_out = _conv3x3(widths[0], config.out_channels)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+    def forward(self, z: torch.Tensor, split: RowSplit | None = None) -> torch.Tensor:
+        """`split`: when z is one row strip of a split decode, how it reaches the other strips."""
+        h = self.mid(_conv(self.conv_in, z, split), split)
         for level in reversed(self.up):
             for block in level.block:
-                h = block(h)
+                h = block(h, split)
             if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+                h = level.upsample(h, split)
+        return _conv(self.conv_out, F.silu(_norm(self.norm_out, h, split)), split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,11 +295,14 @@ class FluxVAE(nn.Module):
         mean = moments[:, : self.config.latent_channels]
         return (mean - self.config.shift_factor) * self.config.scaling_factor
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents (B, 16, h, w) -> images (B, 3, 8h, 8w), nominally in [-1, 1] (not clamped)."""
+    def decode(self, latents: torch.Tensor, split: RowSplit | None = None) -> torch.Tensor:
+        """Normalised latents (B, 16, h, w) -> images (B, 3, 8h, 8w), nominally in [-1, 1] (not clamped).
+
+        With `split`, `latents` is this rank's strip of latent rows and the result its strip of pixel rows.
+        """
         self._check_latents(latents)
         z = latents.to(self.dtype) / self.config.scaling_factor + self.config.shift_factor
-        return self.decoder(z)
+        return self.decoder(z, split)
 
     # ---- checkpoints ----
     @classmethod
