@@ -1,8 +1,8 @@
 """Flow-matching samplers behind one small interface (Wan's schedules: docs/wan-model.md, "Sampling").
 
 The DiT predicts a velocity v = dx/dsigma along x_sigma = (1 - sigma) * x0 + sigma * noise, so
-x0 = x - sigma * v. A sampler owns the sigma schedule, the integer timesteps the DiT sees, and
-the update rule. Three are offered:
+x0 = x - sigma * v. A sampler owns the sigma schedule, the timesteps the DiT sees, and
+the update rule. Four are implemented; the first three are offered to requests (SAMPLER_NAMES):
 
 - "unipc" (default): Wan's `FlowUniPCMultistepScheduler`, a flow copy of diffusers 0.31 UniPC
   (order 2, predict-x0, bh2, lower-order final step, final sigma 0) on Wan's own schedule

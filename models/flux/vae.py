@@ -8,12 +8,14 @@ asymmetric (0, 1, 0, 1) zero pad and a stride-2 3x3 conv, upsampling by nearest 
 
 Parameter names equal the keys of the original `ae.safetensors`, so that file loads without a key
 map; the diffusers `vae/` folder goes through `models.flux.vae_keys`. The attention projections are
-kept as the original 1x1 kernels but applied as matrix products on (B, H*W, C) tokens, the same
-operations diffusers runs, so the two agree to float rounding of identical kernels.
+kept as the original 1x1 kernels but applied as matrix products on (B, H*W, C) tokens, the operations
+diffusers runs, in its order and memory layout, so on CPU in fp32 the results are bit-identical
+(tests/models/flux/test_vae.py).
 
 Latents are normalised as the DiT sees them: encode returns (mean - shift) * scale, decode undoes it.
-Encode uses the posterior mean, not a sample: inference (image-to-image, tests) wants determinism, and
-the FLUX pipelines take the mode as well.
+Encode returns the posterior mean, not a sample, so the same image always gives the same latents.
+The reference image-to-image pipelines draw mean + std * noise instead; a caller that wants that can
+add the noise itself (the log-variance is the second half of `encoder(images)`).
 
 Strip-parallel decode: `decode(latents, split=...)` runs on one horizontal strip of latent rows, and
 `split` (a `RowSplit`, e.g. `parallel.flux_vae_decode.FluxRowSplit`) connects it to the other strips at

@@ -147,7 +147,8 @@ def test_released_preset_parameter_count_and_config() -> None:
 
 
 def test_config_modules_import_no_torch() -> None:
-    code = "import sys, models.flux.vae_config, models.flux.text_config; assert 'torch' not in sys.modules, 'torch imported'"
+    code = ("import sys, models.flux.vae_config, models.flux.text_config; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[3])
 
 
