@@ -151,3 +151,11 @@ def test_released_encoder_shapes_on_meta() -> None:
     assert sum(p.numel() for p in t5.parameters()) == 4_762_310_656
     assert clip.config.hidden_size == FLUX1_DEV_TEXT.pooled_dim and t5.config.d_model == FLUX1_DEV_TEXT.context_dim
     assert (FLUX1_DEV_TEXT.t5_max_length, FLUX1_SCHNELL_TEXT.t5_max_length) == (512, 256)
+
+
+def test_bf16_load_keeps_the_t5_embedding_tied(release: Path) -> None:
+    encoder = FluxTextEncoder.from_pretrained(release, dtype=torch.bfloat16, max_sequence_length=8)
+    assert encoder.t5.shared.weight is encoder.t5.encoder.embed_tokens.weight
+    assert encoder.t5.shared.weight.dtype == torch.bfloat16 and encoder.clip.dtype == torch.bfloat16
+    context, pooled = encoder.encode(["a cat"])
+    assert context.dtype == pooled.dtype == torch.bfloat16 and context.shape == (1, 8, 24)

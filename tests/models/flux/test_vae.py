@@ -123,6 +123,12 @@ def test_strict_loading_names_keys_and_file(tmp_path: Path, reference) -> None:
         FluxVAE.from_pretrained(path)
     with pytest.raises(CheckpointError, match="no FLUX VAE"):
         FluxVAE.from_pretrained(tmp_path / "missing")
+    folder = tmp_path / "quant_vae"
+    reference.save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "use_quant_conv": True}))
+    with pytest.raises(CheckpointError, match=r"use_quant_conv=True \(need False\)"):
+        FluxVAE.from_pretrained(folder)
     save_file({"foo": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(CheckpointError, match="not a FLUX autoencoder"):
         FluxVAE.from_pretrained(tmp_path / "bad.safetensors")
