@@ -21,7 +21,7 @@ class FluxTextConfig:
 
     clip_max_length: CLIP's padded prompt length (its 77 positions).
     t5_max_length: T5's padded prompt length, i.e. the number of text tokens the DiT attends to
-        (dev 512; schnell was trained with 256 and degrades with more).
+        (dev 512; schnell 256, the length its reference inference code uses).
     context_dim / pooled_dim: widths the DiT expects from T5 (rows) and CLIP (pooled vector).
     """
 

@@ -6,7 +6,7 @@ pipeline does around them, and nothing else:
 
 - CLIP: tokenise padded to 77 with truncation, no attention mask; keep `pooler_output` (the final-LN
   state at the first EOS), (B, 768).
-- T5: tokenise padded to `max_sequence_length` (512 for dev; schnell was trained with 256), truncated,
+- T5: tokenise padded to `max_sequence_length` (512 for dev, 256 for schnell), truncated,
   no attention mask; keep `last_hidden_state`, (B, L, 4096). The padded positions are not zeroed and
   not masked: the DiT attends to them as in the release.
 - The T5 prompt defaults to the CLIP prompt.
