@@ -1,8 +1,8 @@
 """Flow-matching samplers behind one small interface (Wan's schedules: docs/wan-model.md, "Sampling").
 
 The DiT predicts a velocity v = dx/dsigma along x_sigma = (1 - sigma) * x0 + sigma * noise, so
-x0 = x - sigma * v. A sampler owns the sigma schedule, the integer timesteps the DiT sees, and
-the update rule. Three are offered:
+x0 = x - sigma * v. A sampler owns the sigma schedule, the timesteps the DiT sees, and
+the update rule. Four are implemented; the first three are offered to requests (SAMPLER_NAMES):
 
 - "unipc" (default): Wan's `FlowUniPCMultistepScheduler`, a flow copy of diffusers 0.31 UniPC
   (order 2, predict-x0, bh2, lower-order final step, final sigma 0) on Wan's own schedule
@@ -13,6 +13,10 @@ the update rule. Three are offered:
 - "euler": plain flow Euler, x_{k+1} = x_k + (sigma_{k+1} - sigma_k) * v. Wan ships no Euler
   sampler; we run it on the unipc schedule so that switching sampler changes only the update
   rule, never the timesteps the DiT (and a Wan2.2 expert switch) sees.
+- "flowmatch-euler": the same Euler update on the FLUX.1 schedule of diffusers'
+  `FlowMatchEulerDiscreteScheduler` (linspace(1, 1/N, N), shifted, final 0), whose timesteps are the
+  unrounded float sigma * 1000. Its shift s = exp(mu) grows with the image size (`flux_shift`).
+  It is registered for `make_sampler` but not yet offered to requests (not in SAMPLER_NAMES).
 
 The arithmetic copies the reference op by op: the schedule in float64 numpy, sigmas stored as
 float32, per-step coefficients as 0-d float32 tensors combined in the same order, so on fp32
@@ -25,6 +29,7 @@ shared between instances, so interleaved requests cannot disturb each other.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable, Protocol
 
 import numpy as np
@@ -32,8 +37,9 @@ import torch
 
 from stages.sampler_names import DEFAULT_SAMPLER, SAMPLER_NAMES, SamplerName
 
-__all__ = ["DEFAULT_SAMPLER", "SAMPLER_NAMES", "DPMSolverSampler", "EulerSampler", "FlowSampler", "SamplerName",
-           "UniPCSampler", "dpm_sigmas", "make_sampler", "shift_sigmas", "unipc_sigmas"]
+__all__ = ["DEFAULT_SAMPLER", "SAMPLER_NAMES", "DPMSolverSampler", "EulerSampler", "FlowMatchEulerSampler",
+           "FlowSampler", "SamplerName", "UniPCSampler", "dpm_sigmas", "flowmatch_sigmas", "flux_image_seq_len",
+           "flux_mu", "flux_shift", "make_sampler", "shift_sigmas", "unipc_sigmas"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +53,8 @@ _UNIPC_SIGMA_MAX = float(np.float32(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS))
 class FlowSampler(Protocol):
     """What the denoise loop needs from a sampler.
 
-    timesteps: (N,) int64, what the DiT sees at step k; may repeat for large N with large shift,
+    timesteps: (N,) what the DiT sees at step k: int64 for Wan's samplers, float32 sigma * 1000 for
+    "flowmatch-euler" (FLUX embeds the unrounded value); may repeat for large N with large shift,
     so steps are addressed by index, never by timestep value.
     sigmas: (N + 1,) float32, noise level before step k, with a final 0.
     step(velocity, k, sample): advance `sample` (any shape, e.g. (C, F, H, W)) from sigmas[k] to
@@ -254,15 +261,94 @@ class EulerSampler(_Sampler):
         return (sample.float() + dt * velocity.float()).to(sample.dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# FLUX.1: flow-match Euler with a resolution-dependent shift
+# ---------------------------------------------------------------------------------------------
+
+# The shift's log, mu, is linear in the number of image tokens: 0.5 at 256 tokens (256^2 pixels),
+# 1.15 at 4096 tokens (1024^2 pixels), extrapolated beyond both ends.
+FLUX_BASE_IMAGE_SEQ_LEN = 256
+FLUX_MAX_IMAGE_SEQ_LEN = 4096
+FLUX_BASE_SHIFT = 0.5
+FLUX_MAX_SHIFT = 1.15
+# FLUX's latent is 8x smaller than the image and packed in 2x2 patches: one token per 16x16 pixels.
+FLUX_PIXELS_PER_TOKEN = 16
+
+
+def flux_image_seq_len(height: int, width: int) -> int:
+    """Image tokens the FLUX.1 DiT sees for an image of height x width pixels (rounded down to 16)."""
+    if height < FLUX_PIXELS_PER_TOKEN or width < FLUX_PIXELS_PER_TOKEN:
+        raise ValueError(f"height and width must be >= {FLUX_PIXELS_PER_TOKEN}, got {height}x{width}")
+    return (height // FLUX_PIXELS_PER_TOKEN) * (width // FLUX_PIXELS_PER_TOKEN)
+
+
+def flux_mu(image_seq_len: int, base_seq_len: int = FLUX_BASE_IMAGE_SEQ_LEN,
+            max_seq_len: int = FLUX_MAX_IMAGE_SEQ_LEN, base_shift: float = FLUX_BASE_SHIFT,
+            max_shift: float = FLUX_MAX_SHIFT) -> float:
+    """mu, linear in the image sequence length through (base_seq_len, base_shift) and (max_seq_len, max_shift).
+
+    Written with the same operations as the FLUX pipeline (slope, intercept, then seq * slope + intercept)
+    so the float result is identical.
+    """
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
+
+
+def flux_shift(image_seq_len: int, **mu_kwargs: float) -> float:
+    """The shift s = exp(mu) of `FlowMatchEulerSampler` for FLUX.1-dev at this sequence length (1.0 = none)."""
+    return math.exp(flux_mu(image_seq_len, **mu_kwargs))
+
+
+def flowmatch_sigmas(num_steps: int, shift: float) -> np.ndarray:
+    """(N,) float32 sigmas: linspace(1, 1/N, N) in float64, stored as float32, then s / (s + (1/sigma - 1)).
+
+    With s = exp(mu) this is the exponential time shift e^mu / (e^mu + (1/sigma - 1)), evaluated in
+    float32 numpy exactly as diffusers does; s = 1 (FLUX.1-schnell) leaves the linspace unshifted.
+    Mathematically it equals Wan's s * sigma / (1 + (s - 1) * sigma).
+    """
+    _check_schedule_args(num_steps, shift)
+    sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
+    if shift == 1.0:
+        return sigmas
+    return shift / (shift + (1 / sigmas - 1) ** 1.0)
+
+
+class FlowMatchEulerSampler:
+    """Flow Euler x_{k+1} = x_k + (sigma_{k+1} - sigma_k) * v in fp32 on FLUX's schedule (stateless).
+
+    `shift` is exp(mu): `flux_shift(flux_image_seq_len(h, w))` for FLUX.1-dev, 1.0 for schnell.
+    timesteps are float32 sigma * 1000 (the FLUX DiT divides by 1000 again and embeds the float).
+    """
+
+    name = "flowmatch-euler"
+
+    def __init__(self, num_steps: int, shift: float) -> None:
+        sigmas = torch.from_numpy(flowmatch_sigmas(num_steps, shift)).to(torch.float32)
+        self.timesteps = sigmas * NUM_TRAIN_TIMESTEPS
+        self.sigmas = torch.cat([sigmas, torch.zeros(1)])
+        self.num_steps = num_steps
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_steps={self.num_steps}, sigmas={self.sigmas[:3].tolist()}...)"
+
+    def step(self, velocity: torch.Tensor, step_index: int, sample: torch.Tensor) -> torch.Tensor:
+        if not 0 <= step_index < self.num_steps:
+            raise ValueError(f"{self.name} sampler step must be in 0..{self.num_steps - 1}, got {step_index}")
+        dt = self.sigmas[step_index + 1] - self.sigmas[step_index]
+        return (sample.float() + dt * velocity.float()).to(sample.dtype)
+
+
 _SAMPLERS: dict[str, Callable[[int, float], FlowSampler]] = {
     "unipc": UniPCSampler,
     "euler": EulerSampler,
     "dpm++": DPMSolverSampler,
+    "flowmatch-euler": FlowMatchEulerSampler,  # FLUX.1; not in SAMPLER_NAMES until a FLUX pipeline exists
 }
 
 
 def make_sampler(name: str, num_steps: int, shift: float) -> FlowSampler:
-    """A fresh sampler for one request: `name` in SAMPLER_NAMES, N steps, timestep shift s > 0."""
+    """A fresh sampler for one request: `name` in SAMPLER_NAMES (or "flowmatch-euler"), N steps, shift s > 0."""
     try:
         cls = _SAMPLERS[name]
     except KeyError:
