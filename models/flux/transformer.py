@@ -15,7 +15,9 @@ Precision: the residual streams (image and text tokens), the conditioning vector
 RoPE and the final layer run in fp32 whatever the weight dtype; the large matmuls (qkv, projections, MLPs,
 modulation linears, embedders of latents and text) run in the weight dtype. `FluxTransformer.keep_fp32`
 names the parameters that stay fp32 under bf16 weights (the small time/guidance/pooled embedders, the qk-norm
-scales and the final layer). RoPE frequencies are float64 then cast, as diffusers does on CPU.
+scales and the final layer). RoPE frequencies are float64 then cast, as diffusers does on CPU. t and guidance
+enter the sinusoid in fp32: with bf16 activations both references round 1000 * sigma to bf16 first (e.g.
+123.456 -> 123.5); the fp32 value is the one they compute in fp32, the setting the parity tests pin.
 
 Block protocol, for block-loop runners, feature caches and context parallelism that must not edit this file:
 `state = model.prepare(latents, t, context, pooled, guidance)`, then
@@ -457,10 +459,9 @@ class FluxTransformer(nn.Module):
         else:
             raw, described = load_safetensors_dir(source.path)
             try:
-                sd = diffusers_to_original(raw)
+                sd = diffusers_to_original(raw, consume=True)  # fused parts are freed as they are consumed
             except ValueError as exc:
                 raise CheckpointError(f"{described}: {exc}") from exc
-            del raw
         with meta_device():
             model = cls(source.config, attn_fn=attn_fn)
         model = load_strict(model, sd, described, dtype=dtype, keep_fp32=cls.keep_fp32, device=device)

@@ -209,26 +209,44 @@ def original_to_diffusers(sd: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def diffusers_to_original(sd: Mapping[str, Any]) -> dict[str, Any]:
+def diffusers_to_original(sd: Mapping[str, Any], consume: bool = False) -> dict[str, Any]:
     """diffusers state dict -> original (BFL) names: fuse q/k/v (and the single blocks' MLP input), swap the
-    final modulation back to (shift, scale)."""
+    final modulation back to (shift, scale).
+
+    With `consume=True`, `sd` must be a dict and is emptied as its tensors are used: the parts of a fused
+    projection are released as soon as the fused copy exists, so loading holds about one copy of the weights.
+    """
     import torch
 
+    if consume and not isinstance(sd, dict):
+        raise TypeError("consume=True needs a dict to empty")
     out: dict[str, Any] = {}
-    for key, value in sd.items():
+    done: set[str] = set()  # fused targets already built
+    for key in list(sd):
+        if key not in sd:
+            continue  # a part already fused (and consumed) with its group
+        value = sd[key]
         fused = _fused_target(key)
         if fused is not None:
-            target, parts, index = fused
-            if not all(p in sd for p in parts):
-                _put(out, key, value, key)
-            elif index == 0:
+            target, parts, _ = fused
+            if target in done:
+                continue
+            if all(p in sd for p in parts):
+                done.add(target)
                 _put(out, target, torch.cat([sd[p] for p in parts], dim=0), key)
-            continue
-        swapped = _swap_name(key, _SWAPPED[1], _SWAPPED[0])
-        if swapped is not None:
-            _put(out, swapped, _swap_halves(value), key)
-            continue
-        _put(out, _rename(key, _RENAME_D2O) or key, value, key)
+                if consume:
+                    for p in parts:
+                        del sd[p]
+                continue
+            _put(out, key, value, key)
+        else:
+            swapped = _swap_name(key, _SWAPPED[1], _SWAPPED[0])
+            if swapped is not None:
+                _put(out, swapped, _swap_halves(value), key)
+            else:
+                _put(out, _rename(key, _RENAME_D2O) or key, value, key)
+        if consume:
+            del sd[key]
     return out
 
 

@@ -418,3 +418,22 @@ def test_bf16_load_keeps_fp32_params_and_runs(release_like, tmp_path: Path) -> N
     assert loaded(latents.bfloat16(), T, context, pooled, guidance).dtype == torch.bfloat16
     cast = FluxTransformer(TINY_RELEASE).cast_weights(torch.bfloat16)
     assert {n: p.dtype for n, p in cast.named_parameters()} == {n: p.dtype for n, p in loaded.named_parameters()}
+
+
+def test_consuming_conversion_empties_its_input_and_gives_the_same_result(release_like) -> None:
+    _, ref = release_like
+    sd = dict(ref.state_dict())
+    expected = diffusers_to_original(sd)
+    consumed = diffusers_to_original(sd, consume=True)
+    assert not sd and sorted(consumed) == sorted(expected)
+    assert all(torch.equal(consumed[k], expected[k]) for k in expected)
+
+
+def test_public_api_is_lazy_and_names_the_classes() -> None:
+    import models.flux
+    from models.flux.transformer import FluxTransformer as TransformerClass
+
+    assert models.flux.FluxTransformer is TransformerClass
+    assert all(getattr(models.flux, name) is not None for name in models.flux.__all__)
+    with pytest.raises(AttributeError, match=r"no attribute 'Flux'.*FluxTransformer"):
+        models.flux.Flux  # noqa: B018  # the attribute access is the test
