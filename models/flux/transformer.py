@@ -29,6 +29,7 @@ text rows first (`state.text_len` of them); a context-parallel rank slices the i
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -40,10 +41,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.attention import AttentionFn, auto_attention
-from models.flux.checkpoint import resolve_dit
+from models.flux.checkpoint import ORIGINAL_DIT_FILES, resolve_dit
 from models.flux.config import FluxDiTConfig
-from models.flux.transformer_keys import diffusers_to_original, strip_original_prefix
-from models.loading import CheckpointError, load_safetensors_dir, load_safetensors_file, load_strict, meta_device
+from models.flux.transformer_keys import diffusers_to_original, original_to_diffusers, strip_original_prefix
+from models.loading import (
+    CheckpointError,
+    load_safetensors_dir,
+    load_safetensors_file,
+    load_strict,
+    meta_device,
+    save_safetensors_sharded,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -470,3 +478,27 @@ class FluxTransformer(nn.Module):
                     source.layout, cfg.num_double_blocks, cfg.num_single_blocks, cfg.hidden_size, cfg.guidance_embed,
                     described, dtype)
         return model
+
+    def save_pretrained(self, folder: str | Path, layout: str = "original", max_shard_bytes: int | None = None) -> Path:
+        """Write the weights in a release layout; returns what `from_pretrained` takes.
+
+        "original": `folder/flux1-dev.safetensors` (or `flux1-schnell.safetensors` without a guidance embedding),
+        BFL names. "diffusers": `folder/config.json` + `diffusion_pytorch_model*.safetensors` (sharded past
+        `max_shard_bytes`), the layout of a release's `transformer/` folder.
+        """
+        if layout not in ("original", "diffusers"):
+            raise ValueError(f"layout must be 'original' or 'diffusers', got {layout!r}")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach() for k, v in self.state_dict().items()}
+        if layout == "original":
+            from safetensors.torch import save_file
+
+            path = folder / ORIGINAL_DIT_FILES[0 if self.config.guidance_embed else 1]
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+            return path
+        # the split q/k/v are views of one tensor; safetensors wants each key in its own storage
+        sd = {k: v.clone() for k, v in original_to_diffusers(sd).items()}
+        save_safetensors_sharded(sd, folder, max_shard_bytes=max_shard_bytes)
+        (folder / "config.json").write_text(json.dumps(self.config.to_diffusers_json(), indent=2))
+        return folder

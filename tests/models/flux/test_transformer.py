@@ -437,3 +437,23 @@ def test_public_api_is_lazy_and_names_the_classes() -> None:
     assert all(getattr(models.flux, name) is not None for name in models.flux.__all__)
     with pytest.raises(AttributeError, match=r"no attribute 'Flux'.*FluxTransformer"):
         models.flux.Flux  # noqa: B018  # the attribute access is the test
+
+
+@torch.no_grad()
+def test_save_pretrained_both_layouts_and_diffusers_reads_ours(release_like, tmp_path: Path) -> None:
+    model, _ = release_like
+    latents, context, pooled, guidance = _release_inputs()
+    expected = model(latents, T, context, pooled, guidance)
+    original = model.save_pretrained(tmp_path / "orig")
+    assert original.name == "flux1-dev.safetensors"
+    sharded = model.save_pretrained(tmp_path / "diff", layout="diffusers", max_shard_bytes=500_000)
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    for path in (tmp_path / "orig", sharded):
+        assert torch.equal(FluxTransformer.from_pretrained(path)(latents, T, context, pooled, guidance), expected)
+    theirs = diffusers.FluxTransformer2DModel.from_pretrained(sharded).eval()
+    torch.testing.assert_close(reference_velocity(theirs, latents, T, context, pooled, guidance), expected,
+                               atol=ATOL, rtol=RTOL)
+    schnell = FluxTransformer(TINY_SCHNELL).save_pretrained(tmp_path / "schnell")
+    assert schnell.name == "flux1-schnell.safetensors"
+    with pytest.raises(ValueError, match="layout must be"):
+        model.save_pretrained(tmp_path, layout="comfy")
