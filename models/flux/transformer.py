@@ -138,10 +138,11 @@ class Modulation(nn.Module):
 
     def __init__(self, dim: int, triples: int) -> None:
         super().__init__()
-        self.lin = nn.Linear(dim, 3 * triples * dim)
+        self.chunks = 3 * triples
+        self.lin = nn.Linear(dim, self.chunks * dim)
 
     def forward(self, vec: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return _linear(self.lin, F.silu(vec)).float()[:, None, :].chunk(self.lin.out_features // vec.shape[-1], dim=-1)
+        return _linear(self.lin, F.silu(vec)).float()[:, None, :].chunk(self.chunks, dim=-1)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -149,22 +150,24 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return F.layer_norm(x.float(), x.shape[-1:], eps=NORM_EPS) * (1 + scale) + shift
 
 
-class QKNorm(nn.Module):
-    """Per-head RMSNorm of q and k over head_dim (weights named `.scale` in BFL), in fp32."""
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis with a learned scale (BFL names it `.scale`), computed in fp32, eps 1e-6."""
 
-    def __init__(self, head_dim: int) -> None:
-        super().__init__()
-        self.query_norm = _RMSScale(head_dim)
-        self.key_norm = _RMSScale(head_dim)
-
-
-class _RMSScale(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), x.shape[-1:], self.scale.float(), NORM_EPS)
+
+
+class QKNorm(nn.Module):
+    """Per-head RMSNorm of q and k over head_dim (BFL `QKNorm`)."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.query_norm = RMSNorm(head_dim)
+        self.key_norm = RMSNorm(head_dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +261,7 @@ class SingleStreamBlock(nn.Module):
         self.attn_fn = attn_fn
         self.num_heads = num_heads
         self.dim = dim
+        self.mlp_hidden = mlp_hidden
         self.linear1 = nn.Linear(dim, 3 * dim + mlp_hidden)
         self.linear2 = nn.Linear(dim + mlp_hidden, dim)
         self.norm = QKNorm(dim // num_heads)
@@ -265,11 +269,11 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
                 rope: RopeTables) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same arguments and results as `DoubleStreamBlock.forward`; works on cat(txt, img) inside."""
         text_len = txt.shape[1]
         x = torch.cat([txt, img], dim=1)
         shift, scale, gate = self.modulation(vec)
-        qkv, mlp = _linear(self.linear1, modulate(x, shift, scale)).split([3 * self.dim, self.linear1.out_features
-                                                                            - 3 * self.dim], dim=-1)
+        qkv, mlp = _linear(self.linear1, modulate(x, shift, scale)).split([3 * self.dim, self.mlp_hidden], dim=-1)
         q, k, v = split_heads(qkv, self.num_heads)
         attn = joint_attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope, self.attn_fn)
         out = _linear(self.linear2, torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1)).float()
