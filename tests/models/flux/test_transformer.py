@@ -9,6 +9,7 @@ row/column mix-up in the packing or the position ids shows.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -340,6 +341,11 @@ def test_from_pretrained_original_schnell_and_explicit_config(tmp_path: Path) ->
     loaded = FluxTransformer.from_pretrained(tmp_path, config=TINY_SCHNELL)
     latents, context, pooled = inputs(TINY_SCHNELL)
     assert torch.equal(loaded(latents, T, context, pooled), model(latents, T, context, pooled))
+    # head_dim 128: a schnell file's config is inferred, without a guidance embedding
+    release_schnell = dataclasses.replace(TINY_RELEASE, guidance_embed=False)
+    path = randomise(FluxTransformer(release_schnell), seed=9).save_pretrained(tmp_path / "release")
+    assert path.name == "flux1-schnell.safetensors"
+    assert FluxTransformer.from_pretrained(tmp_path / "release").config == release_schnell
 
 
 @pytest.mark.parametrize("sharded", [False, True])
