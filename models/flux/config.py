@@ -1,0 +1,187 @@
+"""Static model parameters of the FLUX.1 family: the DiT config and the named presets (dev, schnell, tiny).
+
+Model params are tied to the weights and never change per request (docs/design.md, "Three kinds of parameters").
+A preset bundles the network config with the sampling defaults the release recommends. This module imports
+no torch: the engine reads presets without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class FluxDiTConfig:
+    """Shape of one FLUX.1 DiT (BFL `Flux`, diffusers `FluxTransformer2DModel`).
+
+    in_channels: packed token width, 4 x the latent channels (the model packs 2x2 latent patches itself);
+    hidden_size: model width d = num_heads * head_dim; num_double_blocks / num_single_blocks: the two block
+    kinds (joint text+image blocks with separate weights per stream, then blocks on the concatenated sequence);
+    mlp_ratio: MLP hidden width / d; context_dim: T5 width; pooled_dim: CLIP pooled width;
+    axes_dims_rope: RoPE channels per position axis (sums to head_dim); theta: RoPE base;
+    guidance_embed: dev's distilled-guidance embedding (schnell has none).
+    """
+
+    in_channels: int = 64
+    hidden_size: int = 3072
+    num_heads: int = 24
+    num_double_blocks: int = 19
+    num_single_blocks: int = 38
+    mlp_ratio: float = 4.0
+    context_dim: int = 4096
+    pooled_dim: int = 768
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+    theta: int = 10000
+    guidance_embed: bool = True
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if sum(self.axes_dims_rope) != self.head_dim:
+            raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must sum to head_dim ({self.head_dim})")
+        if any(a % 2 for a in self.axes_dims_rope):
+            raise ValueError(f"every entry of axes_dims_rope {self.axes_dims_rope} must be even (RoPE rotates pairs)")
+        if len(self.axes_dims_rope) != 3:
+            raise ValueError(f"FLUX.1 positions have 3 axes (0, row, col); got axes_dims_rope {self.axes_dims_rope}")
+        if self.in_channels % 4:
+            raise ValueError(f"in_channels ({self.in_channels}) must be 4 x the latent channels (2x2 packing)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.in_channels // 4
+
+    # ---- diffusers `transformer/config.json` ----
+    @classmethod
+    def from_diffusers_json(cls, cfg: dict[str, Any]) -> "FluxDiTConfig":
+        """Read a diffusers `FluxTransformer2DModel` config.json (patch_size 1; the pipeline packs 2x2 patches)."""
+        if int(cfg.get("patch_size", 1)) != 1:
+            raise ValueError(f"patch_size {cfg['patch_size']} is not FLUX.1's 1")
+        out_channels = cfg.get("out_channels")
+        in_channels = int(cfg.get("in_channels", 64))
+        if out_channels not in (None, in_channels):
+            raise ValueError(f"out_channels {out_channels} differs from in_channels {in_channels}; FLUX.1 predicts "
+                             f"a velocity shaped like its input")
+        heads, head_dim = int(cfg.get("num_attention_heads", 24)), int(cfg.get("attention_head_dim", 128))
+        return cls(
+            in_channels=in_channels,
+            hidden_size=heads * head_dim,
+            num_heads=heads,
+            num_double_blocks=int(cfg.get("num_layers", 19)),
+            num_single_blocks=int(cfg.get("num_single_layers", 38)),
+            context_dim=int(cfg.get("joint_attention_dim", 4096)),
+            pooled_dim=int(cfg.get("pooled_projection_dim", 768)),
+            axes_dims_rope=tuple(int(a) for a in cfg.get("axes_dims_rope", (16, 56, 56))),
+            guidance_embed=bool(cfg.get("guidance_embeds", False)),
+        )
+
+    def to_diffusers_json(self) -> dict[str, Any]:
+        if self.mlp_ratio != 4.0 or self.theta != 10000:
+            raise ValueError("diffusers' FluxTransformer2DModel fixes mlp_ratio 4 and theta 10000")
+        return {
+            "_class_name": "FluxTransformer2DModel",
+            "patch_size": 1,
+            "in_channels": self.in_channels,
+            "out_channels": None,
+            "num_layers": self.num_double_blocks,
+            "num_single_layers": self.num_single_blocks,
+            "attention_head_dim": self.head_dim,
+            "num_attention_heads": self.num_heads,
+            "joint_attention_dim": self.context_dim,
+            "pooled_projection_dim": self.pooled_dim,
+            "guidance_embeds": self.guidance_embed,
+            "axes_dims_rope": list(self.axes_dims_rope),
+        }
+
+
+@dataclass(frozen=True)
+class FluxSamplingDefaults:
+    """What a FLUX.1 request gets for every field it leaves empty, as each release recommends.
+
+    guidance: the distilled guidance value fed to dev's guidance embedding (None: schnell has no such input;
+    FLUX.1 runs one forward per step, no classifier-free guidance). max_sequence_length: T5 tokens the prompt
+    is padded to (schnell was trained with 256). dynamic_shift: dev shifts the sigma schedule by
+    mu(image tokens), interpolated linearly from base_shift at base_image_seq_len to max_shift at
+    max_image_seq_len; schnell uses the plain linear schedule.
+    """
+
+    height: int = 1024
+    width: int = 1024
+    num_inference_steps: int = 28
+    guidance: float | None = 3.5
+    max_sequence_length: int = 512
+    dynamic_shift: bool = True
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+
+
+@dataclass(frozen=True)
+class FluxPreset:
+    """A named FLUX.1 model: its DiT config and its sampling defaults."""
+
+    name: str
+    dit: FluxDiTConfig
+    defaults: FluxSamplingDefaults = field(default_factory=FluxSamplingDefaults)
+
+    def __post_init__(self) -> None:
+        if self.dit.guidance_embed != (self.defaults.guidance is not None):
+            raise ValueError(f"preset {self.name!r}: a default guidance is needed exactly when the DiT has a "
+                             f"guidance embedding")
+
+
+FLUX1_DEV = FluxDiTConfig(guidance_embed=True)
+FLUX1_SCHNELL = FluxDiTConfig(guidance_embed=False)
+# Tiny shape for tests (seeded random weights): head_dim 128 with the release's RoPE split, so checkpoints of
+# this shape infer their config from tensor shapes exactly as the released files do.
+FLUX_TINY = FluxDiTConfig(hidden_size=256, num_heads=2, num_double_blocks=2, num_single_blocks=2, context_dim=64,
+                          pooled_dim=32, guidance_embed=True)
+
+PRESETS: dict[str, FluxPreset] = {
+    p.name: p
+    for p in (
+        FluxPreset("flux1-dev", FLUX1_DEV),
+        FluxPreset(
+            "flux1-schnell",
+            FLUX1_SCHNELL,
+            defaults=FluxSamplingDefaults(num_inference_steps=4, guidance=None, max_sequence_length=256,
+                                          dynamic_shift=False),
+        ),
+        FluxPreset(
+            "flux-tiny",
+            FLUX_TINY,
+            defaults=FluxSamplingDefaults(height=64, width=64, num_inference_steps=4, max_sequence_length=32),
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> FluxPreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown FLUX preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def match_preset(dit: FluxDiTConfig) -> FluxPreset:
+    """The preset whose network equals `dit`, or a custom one with dev- or schnell-style defaults."""
+    for preset in PRESETS.values():
+        if preset.dit == dit:
+            return preset
+    base = PRESETS["flux1-dev" if dit.guidance_embed else "flux1-schnell"]
+    return FluxPreset("custom", dit, defaults=base.defaults)
+
+
+# =============================================================================================
+# VAE and text encoders
+# =============================================================================================
+# (configs of the FLUX.1 autoencoder and the CLIP-L / T5-XXL encoders go here)

@@ -1,0 +1,508 @@
+"""The FLUX.1-dev / FLUX.1-schnell DiT with the exact math of BFL's `Flux` (= diffusers `FluxTransformer2DModel`).
+
+Read top-down: timestep sinusoid -> 3-axis RoPE -> modulation -> joint attention -> double-stream block ->
+single-stream block -> final layer -> latent packing -> the model. Parameter names are the original BFL keys
+(`img_in`, `double_blocks.N.img_attn.qkv`, `single_blocks.N.linear1`, `final_layer.adaLN_modulation.1`, ...),
+so `flux1-dev.safetensors` loads with no key map; diffusers folders go through
+`transformer_keys.diffusers_to_original` (fuses q/k/v, swaps the final modulation halves).
+
+Conventions (both references agree): the model gets t = 1000 * sigma (BFL multiplies sigma by 1000 in its
+sinusoid; diffusers' pipeline passes sigma and its model multiplies by 1000), and dev's guidance input is the
+guidance value itself (e.g. 3.5), multiplied by 1000 before its sinusoid. Text tokens come first in every
+joint sequence, then image tokens; text positions are (0, 0, 0), image token (row, col) has (0, row, col).
+
+Precision: the residual streams (image and text tokens), the conditioning vector, the modulations, norms,
+RoPE and the final layer run in fp32 whatever the weight dtype; the large matmuls (qkv, projections, MLPs,
+modulation linears, embedders of latents and text) run in the weight dtype. `FluxTransformer.keep_fp32`
+names the parameters that stay fp32 under bf16 weights (the small time/guidance/pooled embedders, the qk-norm
+scales and the final layer). RoPE frequencies are float64 then cast, as diffusers does on CPU. t and guidance
+enter the sinusoid in fp32: with bf16 activations both references round 1000 * sigma to bf16 first (e.g.
+123.456 -> 123.5); the fp32 value is the one they compute in fp32, the setting the parity tests pin.
+
+Block protocol, for block-loop runners, feature caches and context parallelism that must not edit this file:
+`state = model.prepare(latents, t, context, pooled, guidance)`, then
+`img, txt = block(img, txt, state.vec, state.rope)` for each of `model.blocks` (the double-stream blocks,
+then the single-stream ones: both kinds take and return the two streams), starting from
+`img, txt = state.img, state.txt`, then `model.finalize(img, state)`. `state.rope` covers the joint sequence,
+text rows first (`state.text_len` of them); a context-parallel rank slices the image rows and swaps `attn_fn`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.attention import AttentionFn, auto_attention
+from models.flux.checkpoint import ORIGINAL_DIT_FILES, resolve_dit
+from models.flux.config import FluxDiTConfig
+from models.flux.transformer_keys import diffusers_to_original, original_to_diffusers, strip_original_prefix
+from models.loading import (
+    CheckpointError,
+    load_safetensors_dir,
+    load_safetensors_file,
+    load_strict,
+    meta_device,
+    save_safetensors_sharded,
+)
+
+logger = logging.getLogger(__name__)
+
+RopeTables = tuple[torch.Tensor, torch.Tensor]
+"""(cos, sin), each (S, head_dim // 2) fp32: one angle per token and interleaved channel pair."""
+
+TIME_CHANNELS = 256
+"""Width of the timestep / guidance sinusoid (BFL `timestep_embedding(t, 256)`)."""
+
+NORM_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Timestep sinusoid (fp32, cos first)
+# ---------------------------------------------------------------------------------------------
+def timestep_sinusoid(t: torch.Tensor, dim: int = TIME_CHANNELS) -> torch.Tensor:
+    """(B,) already scaled by 1000 -> (B, dim) fp32 [cos | sin] with frequencies exp(-ln(10000) * i / (dim/2)).
+
+    Computed in fp32 in the references' operation order (frequencies first, then t * f), so it is bitwise theirs.
+    """
+    half = dim // 2
+    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    angles = t.float()[:, None] * torch.exp(exponent)[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. RoPE over 3 position axes: interleaved pairs, float64 frequencies
+# ---------------------------------------------------------------------------------------------
+def position_ids(text_len: int, grid: tuple[int, int], device: torch.device | str | None = None) -> torch.Tensor:
+    """(text_len + h*w, 3) fp32 ids of the joint sequence: text (0, 0, 0), then image (0, row, col) row-major."""
+    h, w = grid
+    img = torch.zeros(h, w, 3, device=device)
+    img[..., 1] = torch.arange(h, device=device)[:, None]
+    img[..., 2] = torch.arange(w, device=device)[None, :]
+    return torch.cat([torch.zeros(text_len, 3, device=device), img.reshape(h * w, 3)], dim=0)
+
+
+def rope_tables(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: int) -> RopeTables:
+    """cos/sin tables (S, sum(axes_dims)/2) fp32 for position ids (S, n_axes).
+
+    Axis i rotates its axes_dims[i]/2 channel pairs by pos * theta^(-2j/axes_dims[i]); the axes are concatenated.
+    Angles in float64 (fp32 positions times float64 frequencies), cos/sin cast to fp32, as diffusers on CPU.
+    """
+    pos = ids.float()
+    cos, sin = [], []
+    for axis, dim in enumerate(axes_dims):
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim))
+        angles = torch.outer(pos[:, axis], freqs)
+        cos.append(angles.cos().float())
+        sin.append(angles.sin().float())
+    return torch.cat(cos, dim=-1), torch.cat(sin, dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2j], x[2j+1]) of x (B, S, H, D) by the angles of `rope` (S, D/2), in fp32."""
+    cos, sin = (r[:, None, :] for r in rope)  # (S, 1, D/2)
+    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Embedders, modulation and norms
+# ---------------------------------------------------------------------------------------------
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` in the layer's weight dtype (x cast to it first)."""
+    return F.linear(x.to(layer.weight.dtype), layer.weight, layer.bias)
+
+
+class MLPEmbedder(nn.Module):
+    """Lin -> SiLU -> Lin (BFL `MLPEmbedder`: time_in, guidance_in, vector_in); returns fp32."""
+
+    def __init__(self, in_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden)
+        self.out_layer = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(self.out_layer, F.silu(_linear(self.in_layer, x))).float()
+
+
+class Modulation(nn.Module):
+    """n (shift, scale, gate) triples from the conditioning vector: Lin(SiLU(vec)) -> n*3 chunks of (B, 1, d) fp32."""
+
+    def __init__(self, dim: int, triples: int) -> None:
+        super().__init__()
+        self.chunks = 3 * triples
+        self.lin = nn.Linear(dim, self.chunks * dim)
+
+    def forward(self, vec: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return _linear(self.lin, F.silu(vec)).float()[:, None, :].chunk(self.chunks, dim=-1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """LN(x) * (1 + scale) + shift in fp32: non-affine LayerNorm, eps 1e-6."""
+    return F.layer_norm(x.float(), x.shape[-1:], eps=NORM_EPS) * (1 + scale) + shift
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis with a learned scale (BFL names it `.scale`), computed in fp32, eps 1e-6."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), x.shape[-1:], self.scale.float(), NORM_EPS)
+
+
+class QKNorm(nn.Module):
+    """Per-head RMSNorm of q and k over head_dim (BFL `QKNorm`)."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.query_norm = RMSNorm(head_dim)
+        self.key_norm = RMSNorm(head_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Joint attention: text tokens first, RoPE on q and k, one attention over the joint sequence
+# ---------------------------------------------------------------------------------------------
+def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, S, 3*d) fused projection, rows q|k|v each head-major -> q, k, v (B, S, H, D)."""
+    return qkv.unflatten(-1, (3, num_heads, -1)).unbind(2)
+
+
+def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeTables,
+                    attn_fn: AttentionFn) -> torch.Tensor:
+    """q, k fp32 (B, S, H, D) after their norms; RoPE, then `attn_fn` in v's dtype -> (B, S, H*D)."""
+    dtype = v.dtype
+    out = attn_fn(apply_rope(q, rope).to(dtype), apply_rope(k, rope).to(dtype), v)
+    return out.flatten(2)
+
+
+class SelfAttention(nn.Module):
+    """One stream's attention weights in a double block (BFL `SelfAttention`: qkv, norm, proj)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Modulated tokens (B, S, d) -> normed q, k (fp32) and v (weight dtype), each (B, S, H, D)."""
+        q, k, v = split_heads(_linear(self.qkv, x), self.num_heads)
+        return self.norm.query_norm(q), self.norm.key_norm(k), v
+
+
+def _mlp(hidden: int, dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+
+def _run_mlp(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    return _linear(mlp[2], F.gelu(_linear(mlp[0], x), approximate="tanh")).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Double-stream block: separate weights per stream, one joint attention
+# ---------------------------------------------------------------------------------------------
+class DoubleStreamBlock(nn.Module):
+    """BFL `DoubleStreamBlock` (diffusers `FluxTransformerBlock`)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, attn_fn: AttentionFn) -> None:
+        super().__init__()
+        self.attn_fn = attn_fn
+        self.img_mod = Modulation(dim, 2)
+        self.img_attn = SelfAttention(dim, num_heads)
+        self.img_mlp = _mlp(mlp_hidden, dim)
+        self.txt_mod = Modulation(dim, 2)
+        self.txt_attn = SelfAttention(dim, num_heads)
+        self.txt_mlp = _mlp(mlp_hidden, dim)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
+                rope: RopeTables) -> tuple[torch.Tensor, torch.Tensor]:
+        """img (B, N, d), txt (B, L, d) fp32; vec (B, d) fp32; rope over L + N rows -> new (img, txt) fp32."""
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
+        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
+        # 1. joint attention over cat(text, image)
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1))
+        attn = joint_attention(torch.cat([txt_q, img_q], 1), torch.cat([txt_k, img_k], 1),
+                               torch.cat([txt_v, img_v], 1), rope, self.attn_fn)
+        text_len = txt.shape[1]
+        txt_attn, img_attn = attn[:, :text_len], attn[:, text_len:]
+        # 2. gated residuals: attention, then the MLP, per stream
+        img = img + img_gate1 * _linear(self.img_attn.proj, img_attn).float()
+        img = img + img_gate2 * _run_mlp(self.img_mlp, modulate(img, img_shift2, img_scale2))
+        txt = txt + txt_gate1 * _linear(self.txt_attn.proj, txt_attn).float()
+        txt = txt + txt_gate2 * _run_mlp(self.txt_mlp, modulate(txt, txt_shift2, txt_scale2))
+        return img, txt
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Single-stream block: one sequence, attention and MLP in parallel from one fused projection
+# ---------------------------------------------------------------------------------------------
+class SingleStreamBlock(nn.Module):
+    """BFL `SingleStreamBlock` (diffusers `FluxSingleTransformerBlock`) on cat(text, image).
+
+    linear1 holds q, k, v and the MLP input (rows [d, d, d, mlp_hidden]); linear2 maps cat(attention, MLP) back.
+    Takes and returns the two streams, like the double block, so block loops treat both kinds alike.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, attn_fn: AttentionFn) -> None:
+        super().__init__()
+        self.attn_fn = attn_fn
+        self.num_heads = num_heads
+        self.dim = dim
+        self.mlp_hidden = mlp_hidden
+        self.linear1 = nn.Linear(dim, 3 * dim + mlp_hidden)
+        self.linear2 = nn.Linear(dim + mlp_hidden, dim)
+        self.norm = QKNorm(dim // num_heads)
+        self.modulation = Modulation(dim, 1)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
+                rope: RopeTables) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same arguments and results as `DoubleStreamBlock.forward`; works on cat(txt, img) inside."""
+        text_len = txt.shape[1]
+        x = torch.cat([txt, img], dim=1)
+        shift, scale, gate = self.modulation(vec)
+        qkv, mlp = _linear(self.linear1, modulate(x, shift, scale)).split([3 * self.dim, self.mlp_hidden], dim=-1)
+        q, k, v = split_heads(qkv, self.num_heads)
+        attn = joint_attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope, self.attn_fn)
+        out = _linear(self.linear2, torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1)).float()
+        x = x + gate * out
+        return x[:, text_len:], x[:, :text_len]
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Final layer
+# ---------------------------------------------------------------------------------------------
+class LastLayer(nn.Module):
+    """Modulated LayerNorm and projection to packed patch values; the modulation is ordered (shift, scale)."""
+
+    def __init__(self, dim: int, out_channels: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        shift, scale = _linear(self.adaLN_modulation[1], F.silu(vec)).float()[:, None, :].chunk(2, dim=-1)
+        return _linear(self.linear, modulate(x, shift, scale)).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Latent packing: 2x2 patches of the (B, C, H/8, W/8) latent become tokens of width 4C
+# ---------------------------------------------------------------------------------------------
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, 2h, 2w) -> (B, h*w, 4C); token (row, col) row-major, feature index c*4 + ph*2 + pw."""
+    b, c, height, width = latents.shape
+    x = latents.reshape(b, c, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (height // 2) * (width // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `pack_latents`: (B, h*w, 4C) -> (B, C, 2h, 2w)."""
+    h, w = grid
+    b, _, features = tokens.shape
+    x = tokens.reshape(b, h, w, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, features // 4, 2 * h, 2 * w)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. The model
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class FluxForwardState:
+    """What the blocks and the final layer need, computed once per forward by `FluxTransformer.prepare`.
+
+    img: (B, N, d) fp32 image tokens (row-major on the grid); txt: (B, L, d) fp32 text tokens;
+    vec: (B, d) fp32 conditioning (time + guidance + pooled text); rope: tables over the joint sequence, text
+    rows first; text_len: L; grid: packed token grid (h, w) = (H/16, W/16) in pixels; dtype: the latents' dtype.
+    """
+
+    img: torch.Tensor
+    txt: torch.Tensor
+    vec: torch.Tensor
+    rope: RopeTables
+    text_len: int
+    grid: tuple[int, int]
+    dtype: torch.dtype
+
+
+Block = DoubleStreamBlock | SingleStreamBlock
+
+_FP32_PARAMS = re.compile(r"^(time_in|guidance_in|vector_in|final_layer)\.|\.(query|key)_norm\.scale$")
+
+
+class FluxTransformer(nn.Module):
+    """FLUX.1-dev (with the guidance embedding) or FLUX.1-schnell (without).
+
+    config: network shape; attn_fn: the attention function, (B, L, H, D) layout (the seam that context
+    parallelism swaps). Use `from_pretrained` for checkpoints.
+    """
+
+    def __init__(self, config: FluxDiTConfig, attn_fn: AttentionFn = auto_attention) -> None:
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        # 1. embedders
+        self.img_in = nn.Linear(config.in_channels, d)
+        self.time_in = MLPEmbedder(TIME_CHANNELS, d)
+        self.vector_in = MLPEmbedder(config.pooled_dim, d)
+        if config.guidance_embed:
+            self.guidance_in = MLPEmbedder(TIME_CHANNELS, d)
+        self.txt_in = nn.Linear(config.context_dim, d)
+        # 2. blocks
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(d, config.num_heads, config.mlp_hidden, attn_fn) for _ in range(config.num_double_blocks)
+        )
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(d, config.num_heads, config.mlp_hidden, attn_fn) for _ in range(config.num_single_blocks)
+        )
+        # 3. final layer
+        self.final_layer = LastLayer(d, config.in_channels)
+
+    # ---- precision policy ----
+    @classmethod
+    def keep_fp32(cls, name: str) -> bool:
+        """True for parameters that stay fp32 under bf16 weights (the `load_strict` keep_fp32 callback)."""
+        return _FP32_PARAMS.search(name) is not None
+
+    def cast_weights(self, dtype: torch.dtype) -> "FluxTransformer":
+        """Cast the matmul weights to `dtype`, keeping the `keep_fp32` parameters in fp32 (unlike `.to`)."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.data = p.data.to(torch.float32 if self.keep_fp32(name) else dtype)
+        return self
+
+    def set_attention(self, attn_fn: AttentionFn) -> None:
+        """Swap the attention function of every block (the context-parallel seam)."""
+        for block in self.blocks:
+            block.attn_fn = attn_fn
+
+    # ---- block protocol ----
+    @property
+    def blocks(self) -> list[Block]:
+        """Every block in forward order: the double-stream blocks, then the single-stream ones."""
+        return [*self.double_blocks, *self.single_blocks]
+
+    def prepare(self, latents: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, pooled: torch.Tensor,
+                guidance: torch.Tensor | float | None = None) -> FluxForwardState:
+        """Pack and embed the latents, embed time (+ guidance) and text, build the RoPE tables.
+
+        latents: (B, latent_channels, H/8, W/8) with even sizes; t: (B,) or scalar, 1000 * sigma in [0, 1000];
+        context: (B, L, context_dim) T5 states (padded rows included, unmasked, as both references feed them);
+        pooled: (B, pooled_dim) CLIP pooled output; guidance: (B,) or scalar distilled guidance (dev only).
+        """
+        cfg = self.config
+        if latents.ndim != 4 or latents.shape[1] != cfg.latent_channels:
+            raise ValueError(f"latents must be (B, {cfg.latent_channels}, H/8, W/8), got {tuple(latents.shape)}")
+        batch, _, height, width = latents.shape
+        if height % 2 or width % 2:
+            raise ValueError(f"latent height and width {(height, width)} must be even (2x2 packing); use pixel sizes "
+                             f"that are multiples of 16")
+        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != cfg.context_dim:
+            raise ValueError(f"context must be (B={batch}, L, {cfg.context_dim}), got {tuple(context.shape)}")
+        if pooled.shape != (batch, cfg.pooled_dim):
+            raise ValueError(f"pooled must be (B={batch}, {cfg.pooled_dim}), got {tuple(pooled.shape)}")
+        t = self._per_sample("t", t, batch, latents.device)
+        if cfg.guidance_embed and guidance is None:
+            raise ValueError("this FLUX.1 model has a guidance embedding (dev): pass guidance, e.g. 3.5")
+        if not cfg.guidance_embed and guidance is not None:
+            raise ValueError("this FLUX.1 model has no guidance embedding (schnell): pass guidance=None")
+
+        grid = (height // 2, width // 2)
+        img = _linear(self.img_in, pack_latents(latents)).float()
+        vec = self.time_in(timestep_sinusoid(t))
+        if cfg.guidance_embed:
+            vec = vec + self.guidance_in(timestep_sinusoid(self._per_sample("guidance", guidance, batch,
+                                                                            latents.device) * 1000))
+        vec = vec + self.vector_in(pooled)
+        txt = _linear(self.txt_in, context).float()
+        rope = rope_tables(position_ids(context.shape[1], grid, latents.device), cfg.axes_dims_rope, cfg.theta)
+        return FluxForwardState(img=img, txt=txt, vec=vec, rope=rope, text_len=context.shape[1], grid=grid,
+                                dtype=latents.dtype)
+
+    @staticmethod
+    def _per_sample(name: str, value: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
+        value = torch.as_tensor(value, device=device, dtype=torch.float32)
+        if value.ndim == 0:
+            value = value.expand(batch)
+        if value.shape != (batch,):
+            raise ValueError(f"{name} must be a scalar or have shape ({batch},), got {tuple(value.shape)}")
+        return value
+
+    def finalize(self, img: torch.Tensor, state: FluxForwardState) -> torch.Tensor:
+        """Final layer and unpacking: image tokens (B, N, d) fp32 -> velocity (B, C, H/8, W/8) in state.dtype."""
+        return unpack_latents(self.final_layer(img, state.vec), state.grid).to(state.dtype)
+
+    def forward(self, latents: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, pooled: torch.Tensor,
+                guidance: torch.Tensor | float | None = None) -> torch.Tensor:
+        """Flow velocity for `latents` at t = 1000 * sigma, shaped like the latents (see `prepare`)."""
+        state = self.prepare(latents, t, context, pooled, guidance)
+        img, txt = state.img, state.txt
+        for block in self.blocks:
+            img, txt = block(img, txt, state.vec, state.rope)
+        return self.finalize(img, state)
+
+    # ---- checkpoints ----
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                        attn_fn: AttentionFn = auto_attention,
+                        config: FluxDiTConfig | None = None) -> "FluxTransformer":
+        """Load the original single file (`flux1-dev.safetensors` / `flux1-schnell.safetensors` in a release folder,
+        or the file itself), a diffusers release folder (its `transformer/`) or a diffusers `transformer/` folder.
+
+        The config is read from the diffusers config.json or inferred from the original file's tensor shapes
+        (`config` replaces it). Built on the meta device and filled by a strict load: missing, unexpected or
+        mis-shaped keys raise `CheckpointError` naming the keys and the file. `dtype` applies to all but the
+        `keep_fp32` parameters.
+        """
+        source = resolve_dit(path, config)
+        if source.layout == "original":
+            sd, described = strip_original_prefix(load_safetensors_file(source.path)), str(source.path)
+        else:
+            raw, described = load_safetensors_dir(source.path)
+            try:
+                sd = diffusers_to_original(raw, consume=True)  # fused parts are freed as they are consumed
+            except ValueError as exc:
+                raise CheckpointError(f"{described}: {exc}") from exc
+        with meta_device():
+            model = cls(source.config, attn_fn=attn_fn)
+        model = load_strict(model, sd, described, dtype=dtype, keep_fp32=cls.keep_fp32, device=device)
+        cfg = source.config
+        logger.info("loaded %s FLUX.1 DiT (%d double + %d single blocks, d %d, guidance %s) from %s as %s",
+                    source.layout, cfg.num_double_blocks, cfg.num_single_blocks, cfg.hidden_size, cfg.guidance_embed,
+                    described, dtype)
+        return model
+
+    def save_pretrained(self, folder: str | Path, layout: str = "original", max_shard_bytes: int | None = None) -> Path:
+        """Write the weights in a release layout; returns what `from_pretrained` takes.
+
+        "original": `folder/flux1-dev.safetensors` (or `flux1-schnell.safetensors` without a guidance embedding),
+        BFL names. "diffusers": `folder/config.json` + `diffusion_pytorch_model*.safetensors` (sharded past
+        `max_shard_bytes`), the layout of a release's `transformer/` folder.
+        """
+        if layout not in ("original", "diffusers"):
+            raise ValueError(f"layout must be 'original' or 'diffusers', got {layout!r}")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach() for k, v in self.state_dict().items()}
+        if layout == "original":
+            from safetensors.torch import save_file
+
+            path = folder / ORIGINAL_DIT_FILES[0 if self.config.guidance_embed else 1]
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+            return path
+        # the split q/k/v are views of one tensor; safetensors wants each key in its own storage
+        sd = {k: v.clone() for k, v in original_to_diffusers(sd).items()}
+        save_safetensors_sharded(sd, folder, max_shard_bytes=max_shard_bytes)
+        (folder / "config.json").write_text(json.dumps(self.config.to_diffusers_json(), indent=2))
+        return folder
