@@ -181,7 +181,5 @@ def match_preset(dit: FluxDiTConfig) -> FluxPreset:
     return FluxPreset("custom", dit, defaults=base.defaults)
 
 
-# =============================================================================================
-# VAE and text encoders
-# =============================================================================================
-# (configs of the FLUX.1 autoencoder and the CLIP-L / T5-XXL encoders go here)
+
+# The autoencoder's and the text encoders' configs are in vae_config.py and text_config.py.
