@@ -7,25 +7,20 @@ each norm all-reduces its per-group sums across the strips, in two passes (the m
 squared deviations from it, which avoids the cancellation of E[x^2] - E[x]^2). The result equals the
 single-rank decode up to float summation order.
 
-`FluxRowSplit` plugs into the `split` seam of `models.flux.vae.FluxVAE.decode`; `decode_patch_parallel_flux`
+`FluxRowSplit` plugs into the `spatial` seam of `models.flux.vae.FluxVAE.decode`; `decode_patch_parallel_flux`
 splits the latents, decodes this rank's strip and all-gathers the pixel strips.
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from models.flux.vae import FluxVAE
-from parallel.vae_decode import RowSplit, strip_rows
+from parallel.vae_decode import RowSplit, decode_patch_parallel
 
 __all__ = ["FluxRowSplit", "decode_patch_parallel_flux"]
-
-logger = logging.getLogger(__name__)
-
 
 class FluxRowSplit(RowSplit):
     """`RowSplit`'s halo exchange and row gather, plus GroupNorm statistics over all strips."""
@@ -50,29 +45,9 @@ class FluxRowSplit(RowSplit):
         return y * norm.weight[None, :, None, None] + norm.bias[None, :, None, None]
 
 
-@torch.no_grad()
 def decode_patch_parallel_flux(vae: FluxVAE, latents: torch.Tensor,
                                group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Normalised latents (B, 16, H', W'), the same on every rank of `group` -> the full images
-    (B, 3, 8H', 8W') on every rank; equal to `vae.decode(latents)` up to float summation order.
-
-    Rank r decodes latent rows [offset_r, offset_r + rows_r) of near-equal strips (every rank needs at
-    least one row). Every rank of the group must call this with the same latents shape.
-    """
-    world_size = dist.get_world_size(group)
-    if world_size == 1:
-        return vae.decode(latents)
-    if latents.ndim != 4:
-        raise ValueError(f"latents must be (B, C, H, W), got shape {tuple(latents.shape)}")
-    height = latents.shape[-2]
-    if height < world_size:
-        stride = vae.config.spatial_stride
-        raise ValueError(f"patch-parallel decode of latents {tuple(latents.shape)} with {height} latent rows "
-                         f"over {world_size} ranks: every rank needs at least one latent row; use at most "
-                         f"{height} ranks, or an image at least {world_size * stride} pixels high")
-    split = FluxRowSplit(strip_rows(height, world_size), group)
-    rows = split.rows[split.rank]
-    logger.debug("patch-parallel FLUX VAE decode: rank %d of %d decodes latent rows [%d, %d) of %d",
-                 split.rank, world_size, split.offset, split.offset + rows, height)
-    strip = vae.decode(latents[..., split.offset:split.offset + rows, :], split=split)
-    return split.gather_rows(strip)
+    (B, 3, 8H', 8W') on every rank; equal to `vae.decode(latents)` up to float summation order
+    (`parallel.vae_decode.decode_patch_parallel` with the FLUX split)."""
+    return decode_patch_parallel(vae, latents, group, split_cls=FluxRowSplit)

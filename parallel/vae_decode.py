@@ -24,13 +24,13 @@ tensors are communicated) and NCCL (tensors stay on the VAE's CUDA device).
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from models.wan.vae import SpatialSplit, WanVAE
+from models.wan.vae import SpatialSplit
 
 logger = logging.getLogger(__name__)
 
@@ -162,28 +162,31 @@ class RowSplit(SpatialSplit):
 
 
 @torch.no_grad()
-def decode_patch_parallel(vae: WanVAE, latents: torch.Tensor,
-                          group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Normalised latents (B, z, T, H', W'), the same on every rank of `group` -> the full video
-    (B, 3, 4(T-1)+1, 8H', 8W'), fp32 in [-1, 1], on every rank; equal to `vae.decode(latents)`.
+def decode_patch_parallel(vae: Any, latents: torch.Tensor, group: dist.ProcessGroup | None = None,
+                          split_cls: type[RowSplit] = RowSplit) -> torch.Tensor:
+    """Normalised latents, the same on every rank of `group` -> the full frames on every rank; equal to
+    `vae.decode(latents)` up to float summation order.
 
-    Rank r decodes latent rows [offset_r, offset_r + rows_r) of near-equal strips (H' need not divide
-    by the group size, but every rank needs at least one row) with the same `WanVAE.decode` loop, its
-    convs and attention connected to the other strips through a `RowSplit`; then the pixel strips are
-    all-gathered. Every rank of the group must call this with the same latents shape.
+    Any VAE whose `decode(latents, spatial=...)` runs on a strip of latent rows (dim -2) through a
+    `RowSplit`: the Wan VAE ((B, z, T, H', W') -> (B, 3, 4(T-1)+1, 8H', 8W'), fp32 in [-1, 1]) with
+    `RowSplit`, the FLUX VAE ((B, 16, H', W') -> (B, 3, 8H', 8W')) with its `FluxRowSplit`. Rank r
+    decodes latent rows [offset_r, offset_r + rows_r) of near-equal strips (H' need not divide by the
+    group size, but every rank needs at least one row) with the VAE's own decode, its convs and attention
+    connected to the other strips through the split; then the pixel strips are all-gathered. Every rank
+    of the group must call this with the same latents shape.
     """
     world_size = dist.get_world_size(group)
     if world_size == 1:
         return vae.decode(latents)
-    if latents.ndim != 5:
-        raise ValueError(f"latents must be (B, z, T, H, W), got shape {tuple(latents.shape)}")
+    if latents.ndim < 4:
+        raise ValueError(f"latents must be (B, C, [T,] H, W), got shape {tuple(latents.shape)}")
     height = latents.shape[-2]
     if height < world_size:
         stride = vae.config.spatial_stride
         raise ValueError(f"patch-parallel decode of latents {tuple(latents.shape)} with {height} latent rows "
                          f"over {world_size} ranks: every rank needs at least one latent row; use at most "
-                         f"{height} ranks, or a video at least {world_size * stride} pixels high")
-    split = RowSplit(strip_rows(height, world_size), group)
+                         f"{height} ranks, or frames at least {world_size * stride} pixels high")
+    split = split_cls(strip_rows(height, world_size), group)
     rows = split.rows[split.rank]
     logger.debug("patch-parallel VAE decode: rank %d of %d decodes latent rows [%d, %d) of %d",
                  split.rank, world_size, split.offset, split.offset + rows, height)

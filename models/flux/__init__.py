@@ -11,9 +11,9 @@ or the checkpoint layout loads no torch (tests/test_layering.py checks the same 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from models.lazy_exports import lazy_exports
 from models.flux.checkpoint import FluxDiTSource, infer_original_config, read_diffusers_config, resolve_dit
 from models.flux.config import (
     PRESETS,
@@ -53,14 +53,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """Import a network class on first access and keep it as a module attribute."""
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value  # later reads are plain attribute lookups
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}; public names: {', '.join(__all__)}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)

@@ -17,7 +17,7 @@ Encode returns the posterior mean, not a sample, so the same image always gives 
 The reference image-to-image pipelines draw mean + std * noise instead; a caller that wants that can
 add the noise itself (the log-variance is the second half of `encoder(images)`).
 
-Strip-parallel decode: `decode(latents, split=...)` runs on one horizontal strip of latent rows, and
+Strip-parallel decode: `decode(latents, spatial=...)` runs on one horizontal strip of latent rows, and
 `split` (a `RowSplit`, e.g. `parallel.flux_vae_decode.FluxRowSplit`) connects it to the other strips at
 the three places where rows meet: every 3x3 conv takes its H padding from the neighbours' boundary rows,
 every GroupNorm takes its statistics over the whole image (unlike Wan's per-pixel RMS norm, GroupNorm
@@ -297,14 +297,15 @@ class FluxVAE(nn.Module):
         mean = moments[:, : self.config.latent_channels]
         return (mean - self.config.shift_factor) * self.config.scaling_factor
 
-    def decode(self, latents: torch.Tensor, split: RowSplit | None = None) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, spatial: RowSplit | None = None) -> torch.Tensor:
         """Normalised latents (B, 16, h, w) -> images (B, 3, 8h, 8w), nominally in [-1, 1] (not clamped).
 
-        With `split`, `latents` is this rank's strip of latent rows and the result its strip of pixel rows.
+        With `spatial` (the same seam name as the Wan VAE's), `latents` is this rank's strip of latent rows
+        and the result its strip of pixel rows.
         """
         self._check_latents(latents)
         z = latents.to(self.dtype) / self.config.scaling_factor + self.config.shift_factor
-        return self.decoder(z, split)
+        return self.decoder(z, spatial)
 
     # ---- checkpoints ----
     @classmethod
