@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from models.lazy_exports import lazy_exports
 from models.flux.checkpoint import FluxDiTSource, infer_original_config, read_diffusers_config, resolve_dit
 from models.flux.config import (
     PRESETS,
@@ -23,6 +22,7 @@ from models.flux.config import (
     get_preset,
     match_preset,
 )
+from models.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from models.flux.text_encoder import FluxTextEncoder
