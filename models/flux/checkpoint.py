@@ -20,7 +20,7 @@ from typing import Literal
 
 from models.errors import CheckpointError
 from models.flux.config import FluxDiTConfig
-from models.flux.transformer_keys import strip_prefix
+from models.key_maps import strip_prefix
 
 ORIGINAL_DIT_FILES = ("flux1-dev.safetensors", "flux1-schnell.safetensors")
 DIFFUSERS_DIT_DIR = "transformer"

@@ -18,11 +18,13 @@ a fused key whose parts are incomplete is left as its parts for the same reason.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Iterable, Mapping
 
-ORIGINAL_PREFIX = "model.diffusion_model."
-"""Prefix some repackaged original checkpoints put in front of every key (ComfyUI-style files)."""
+from models.key_maps import (ORIGINAL_PREFIX, PrefixTable, compile_prefix, put_once, strip_original_prefix,
+                             strip_prefix)
+
+__all__ = ["ORIGINAL_PREFIX", "diffusers_to_original", "diffusers_to_original_keys", "original_to_diffusers",
+           "original_to_diffusers_keys", "strip_original_prefix", "strip_prefix"]
 
 # 1:1 renames, (original, diffusers) key prefixes; "{n}" is a block index, the rest of the key
 # (".weight", ".bias", ".scale" -> ".weight") follows.
@@ -73,31 +75,10 @@ _SWAPPED = ("final_layer.adaLN_modulation.1", "norm_out.linear")
 _LEAVES = ("weight", "bias")
 
 
-def _compile(prefix: str) -> re.Pattern[str]:
-    return re.compile("^" + re.escape(prefix).replace(re.escape("{n}"), r"(?P<n>\d+)") + "(?P<rest>.*)$")
-
-
-_RENAME_O2D = tuple((_compile(o), d) for o, d in _ROWS)
-_RENAME_D2O = tuple((_compile(d), o) for o, d in _ROWS)
-_FUSED_O = tuple((_compile(o + "."), parts) for o, parts in _FUSED)
-_FUSED_D = tuple((_compile(p + "."), o, parts, i) for o, parts in _FUSED for i, p in enumerate(parts))
-
-
-def strip_prefix(key: str) -> str:
-    """`key` without the `model.diffusion_model.` prefix of repackaged original files."""
-    return key[len(ORIGINAL_PREFIX):] if key.startswith(ORIGINAL_PREFIX) else key
-
-
-def _rename(key: str, table: tuple[tuple[re.Pattern[str], str], ...]) -> str | None:
-    for pattern, target in table:
-        m = pattern.match(key)
-        if m:
-            if "{n}" in target:
-                target = target.replace("{n}", m.group("n"))
-            if not target.endswith(".") and m.group("rest"):
-                continue  # a whole-key row (".scale") must not match a longer name
-            return target + m.group("rest")
-    return None
+_RENAME_O2D = PrefixTable(_ROWS, 0)
+_RENAME_D2O = PrefixTable(_ROWS, 1)
+_FUSED_O = tuple((compile_prefix(o + "."), parts) for o, parts in _FUSED)
+_FUSED_D = tuple((compile_prefix(p + "."), o, parts, i) for o, parts in _FUSED for i, p in enumerate(parts))
 
 
 def _fill(template: str, n: str | None) -> str:
@@ -140,7 +121,7 @@ def original_to_diffusers_keys(keys: Iterable[str]) -> list[str]:
         if parts is not None:
             out.extend(parts)
             continue
-        out.append(_swap_name(key, *_SWAPPED) or _rename(key, _RENAME_O2D) or key)
+        out.append(_swap_name(key, *_SWAPPED) or _RENAME_O2D.rename(key) or key)
     return out
 
 
@@ -157,7 +138,7 @@ def diffusers_to_original_keys(keys: Iterable[str]) -> list[str]:
         elif fused is not None:
             new = key  # incomplete: left as is, so the strict load reports it
         else:
-            new = _swap_name(key, _SWAPPED[1], _SWAPPED[0]) or _rename(key, _RENAME_D2O) or key
+            new = _swap_name(key, _SWAPPED[1], _SWAPPED[0]) or _RENAME_D2O.rename(key) or key
         if new not in seen:
             seen.add(new)
             out.append(new)
@@ -165,12 +146,6 @@ def diffusers_to_original_keys(keys: Iterable[str]) -> list[str]:
 
 
 # ---- state dicts ----
-def _put(out: dict[str, Any], key: str, value: Any, source: str) -> None:
-    if key in out:
-        raise ValueError(f"two checkpoint keys map to {key!r} (the second is {source!r}); the file mixes layouts")
-    out[key] = value
-
-
 def _swap_halves(value: Any) -> Any:
     import torch
 
@@ -199,13 +174,13 @@ def original_to_diffusers(sd: Mapping[str, Any]) -> dict[str, Any]:
                 d = mod.shape[0] // 3
                 pieces = value.split([d, d, d, value.shape[0] - 3 * d], dim=0)
             for part, piece in zip(parts, pieces):
-                _put(out, part, piece, key)
+                put_once(out, part, piece, key)
             continue
         swapped = _swap_name(key, *_SWAPPED)
         if swapped is not None:
-            _put(out, swapped, _swap_halves(value), key)
+            put_once(out, swapped, _swap_halves(value), key)
             continue
-        _put(out, _rename(key, _RENAME_O2D) or key, value, key)
+        put_once(out, _RENAME_O2D.rename(key) or key, value, key)
     return out
 
 
@@ -233,26 +208,18 @@ def diffusers_to_original(sd: Mapping[str, Any], consume: bool = False) -> dict[
                 continue
             if all(p in sd for p in parts):
                 done.add(target)
-                _put(out, target, torch.cat([sd[p] for p in parts], dim=0), key)
+                put_once(out, target, torch.cat([sd[p] for p in parts], dim=0), key)
                 if consume:
                     for p in parts:
                         del sd[p]
                 continue
-            _put(out, key, value, key)
+            put_once(out, key, value, key)
         else:
             swapped = _swap_name(key, _SWAPPED[1], _SWAPPED[0])
             if swapped is not None:
-                _put(out, swapped, _swap_halves(value), key)
+                put_once(out, swapped, _swap_halves(value), key)
             else:
-                _put(out, _rename(key, _RENAME_D2O) or key, value, key)
+                put_once(out, _RENAME_D2O.rename(key) or key, value, key)
         if consume:
             del sd[key]
-    return out
-
-
-def strip_original_prefix(sd: Mapping[str, Any]) -> dict[str, Any]:
-    """Original keys with the `model.diffusion_model.` prefix removed (other keys unchanged)."""
-    out: dict[str, Any] = {}
-    for key, value in sd.items():
-        _put(out, strip_prefix(key), value, key)
     return out

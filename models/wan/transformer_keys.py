@@ -9,13 +9,13 @@ through unchanged, so the strict load names them.
 
 from __future__ import annotations
 
-import re
 from typing import Mapping, TypeVar
+
+from models.key_maps import ORIGINAL_PREFIX, PrefixTable, put_once, strip_original_prefix, strip_prefix
 
 V = TypeVar("V")
 
-ORIGINAL_PREFIX = "model.diffusion_model."
-"""Prefix some repackaged original checkpoints put in front of every key (ComfyUI-style files)."""
+__all__ = ["ORIGINAL_PREFIX", "diffusers_to_original", "original_to_diffusers", "strip_original_prefix", "strip_prefix"]
 
 # (original, diffusers) key prefixes; "{n}" is a block index. Each row maps a prefix and keeps the rest
 # of the key (".weight", ".bias" or nothing for bare parameters such as "modulation").
@@ -55,44 +55,15 @@ _ROWS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _compile(prefix: str) -> re.Pattern[str]:
-    return re.compile("^" + re.escape(prefix).replace(re.escape("{n}"), r"(?P<n>\d+)") + "(?P<rest>.*)$")
+_ORIGINAL_TO_DIFFUSERS = PrefixTable(_ROWS, 0)
+_DIFFUSERS_TO_ORIGINAL = PrefixTable(_ROWS, 1)
 
 
-def _table(src: int) -> tuple[tuple[re.Pattern[str], str], ...]:
-    return tuple((_compile(row[src]), row[1 - src]) for row in _ROWS)
-
-
-_ORIGINAL_TO_DIFFUSERS = _table(0)
-_DIFFUSERS_TO_ORIGINAL = _table(1)
-
-
-def strip_prefix(key: str) -> str:
-    """`key` without the `model.diffusion_model.` prefix of repackaged original files."""
-    return key[len(ORIGINAL_PREFIX):] if key.startswith(ORIGINAL_PREFIX) else key
-
-
-def _rename(key: str, table: tuple[tuple[re.Pattern[str], str], ...]) -> str:
-    key = strip_prefix(key)
-    for pattern, target in table:
-        m = pattern.match(key)
-        if m:
-            if "{n}" in target:
-                target = target.replace("{n}", m.group("n"))
-            # A bare-parameter row ("modulation") must match the whole key, not a longer name.
-            if not target.endswith(".") and m.group("rest"):
-                continue
-            return target + m.group("rest")
-    return key
-
-
-def _map(sd: Mapping[str, V], table: tuple[tuple[re.Pattern[str], str], ...]) -> dict[str, V]:
+def _map(sd: Mapping[str, V], table: PrefixTable) -> dict[str, V]:
     out: dict[str, V] = {}
     for key, value in sd.items():
-        new = _rename(key, table)
-        if new in out:
-            raise ValueError(f"two checkpoint keys map to {new!r} (the second is {key!r}); the file mixes layouts")
-        out[new] = value
+        stripped = strip_prefix(key)
+        put_once(out, table.rename(stripped) or stripped, value, key)
     return out
 
 
@@ -106,6 +77,3 @@ def diffusers_to_original(sd: Mapping[str, V]) -> dict[str, V]:
     return _map(sd, _DIFFUSERS_TO_ORIGINAL)
 
 
-def strip_original_prefix(sd: Mapping[str, V]) -> dict[str, V]:
-    """Original keys with the `model.diffusion_model.` prefix removed (other keys unchanged)."""
-    return _map(sd, ())
