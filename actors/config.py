@@ -35,6 +35,17 @@ class _HealthChecked(_Strict):
                                                       "treated as hung and replaced (its group rebuilt).")
 
 
+class _RankGroupFaults(_Strict):
+    """How long a rank group waits for its other ranks after one rank's call failed."""
+
+    fault_grace_s: float = Field(5.0, gt=0, le=600,
+                                 description="Rank groups (every DiT group; a decode replica with patch_parallel > "
+                                             "1): after one rank's call raises (e.g. out of memory), how long the "
+                                             "other ranks get to finish it; ranks still running then are stuck in "
+                                             "a collective the failed rank left, so the group is killed, rebuilt "
+                                             "and the job retried.")
+
+
 class PoolConfig(_HealthChecked):
     """A pool of identical stage actors, all in one placement group (one bundle per actor)."""
 
@@ -52,7 +63,7 @@ class PoolConfig(_HealthChecked):
                                               "job retried.")
 
 
-class VAEConfig(PoolConfig):
+class VAEConfig(PoolConfig, _RankGroupFaults):
     """The decode pool. With patch_parallel > 1 each replica is a group of that many rank actors (one
     torch.distributed group in one STRICT_PACK placement group, num_cpus/num_gpus per rank) that decode
     one horizontal strip each and give the same frames as one actor (parallel/vae_decode.py)."""
@@ -61,14 +72,9 @@ class VAEConfig(PoolConfig):
                                 description="Rank actors per decode replica (1 = one actor). N > 1: N ranks in one "
                                             "torch.distributed group each decode a strip of rows, for frames too "
                                             "large or slow for one device; exact. num_cpus/num_gpus are per rank.")
-    fault_grace_s: float = Field(5.0, gt=0, le=600,
-                                 description="patch_parallel > 1: after one rank's decode raises, how long the other "
-                                             "ranks get to finish it; ranks still running then are stuck in a "
-                                             "collective the failed rank left, so the group is killed, rebuilt "
-                                             "and the job retried.")
 
 
-class DiTConfig(_HealthChecked):
+class DiTConfig(_HealthChecked, _RankGroupFaults):
     """DiT groups: each is `world_size` rank actors in one STRICT_PACK placement group."""
 
     groups: int = Field(1, ge=1, le=64, description="Independent DiT groups (data parallel across requests).")
@@ -84,11 +90,6 @@ class DiTConfig(_HealthChecked):
                                   description="Longest one denoising step may take on the ranks (a chunk gets "
                                               "chunk_steps times this, any other group call once this); after it "
                                               "the group is treated as hung: killed, rebuilt and the job retried.")
-    fault_grace_s: float = Field(5.0, gt=0, le=600,
-                                 description="After one rank's call raises (e.g. out of memory), how long the other "
-                                             "ranks get to finish it; ranks still running then are stuck in a "
-                                             "collective the failed rank left, so the group is killed, rebuilt "
-                                             "and the job retried.")
     cfg_degree: int | None = Field(None, ge=1, le=2,
                                    description="Ranks per request over the CFG branches (1 or 2). The three degrees "
                                                "must multiply to world_size; all unset = automatic layout, "
