@@ -39,7 +39,7 @@ import ray
 from actors.config import ServiceConfig
 from actors.errors import StageActorDied, StageStartError, error_headline
 from actors.rank_group import RankActor, RankGroup
-from actors.stage_actors import resolve_checkpoint, resolve_dtype, resolve_model_folder
+from actors.stage_actors import ConditioningArrays, resolve_dtype, resolve_model_folder
 from models import registry
 from parallel.mesh import LayoutError, ParallelLayout, resolve_layout
 
@@ -65,11 +65,11 @@ class DiTRankActor(RankActor):
 
         self._init_rank(rank, world_size, device)
         self.layout = layout
-        checkpoint = resolve_checkpoint(model)
+        folder = resolve_model_folder(model)
         torch_dtype = resolve_dtype(dtype, device)
-        self._stage = DenoiseStage.from_pretrained(checkpoint, dtype=torch_dtype, device=self.device)
+        self._stage = DenoiseStage.from_pretrained(folder, dtype=torch_dtype, device=self.device)
         self._jobs: dict[str, DenoiseJob] = {}
-        logger.info("DiT rank %d/%d loaded %s (%s on %s, pid %d)", rank, world_size, checkpoint.root, torch_dtype,
+        logger.info("DiT rank %d/%d loaded %s (%s on %s, pid %d)", rank, world_size, folder, torch_dtype,
                     self.device, os.getpid())
 
     def on_group_ready(self) -> dict[str, Any]:
@@ -85,24 +85,25 @@ class DiTRankActor(RankActor):
 
     # ---- jobs ---------------------------------------------------------------------------------
 
-    def start(self, job_id: str, params: dict[str, Any], positive: np.ndarray, negative: np.ndarray | None,
-              latents: np.ndarray | None = None) -> int:
-        """Create a job at step 0 from resolved params and embeddings (L, D) float32; returns its total steps.
+    def start(self, job_id: str, params: dict[str, Any], positive: ConditioningArrays,
+              negative: ConditioningArrays | None, latents: np.ndarray | None = None) -> int:
+        """Create a job at step 0 from resolved params and the prompts' conditioning (named float32 arrays,
+        `Conditioning.to_numpy`); returns its total steps.
 
         latents (C, F', H', W') replaces the seeded noise (parity tests).
         """
         import torch
 
-        from stages.params import ResolvedParams
+        from models.conditioning import Conditioning
         from stages.embeddings import PromptEmbeddings
+        from stages.params import ResolvedParams
 
         if job_id in self._jobs:
             raise ValueError(f"job {job_id!r} already exists on rank {self.rank}; drop it before starting it again")
         self._bind_device()
         resolved = ResolvedParams.model_validate(params)
-        # torch.tensor copies: arrays from the object store are read-only.
-        embeddings = PromptEmbeddings(torch.tensor(positive, dtype=torch.float32),
-                                      None if negative is None else torch.tensor(negative, dtype=torch.float32))
+        embeddings = PromptEmbeddings(Conditioning.from_numpy(positive),
+                                      None if negative is None else Conditioning.from_numpy(negative))
         noise = None if latents is None else torch.tensor(latents, dtype=torch.float32)
         job = self._stage.start(resolved, embeddings, noise)
         self._jobs[job_id] = job
@@ -239,9 +240,9 @@ class DiTGroup(RankGroup):
 
     # ---- jobs ---------------------------------------------------------------------------------
 
-    async def begin(self, job_id: str, params: Mapping[str, Any], positive: np.ndarray, negative: np.ndarray | None,
-                    latents: np.ndarray | None = None) -> int:
-        """Create the job on every rank from ResolvedParams fields and embeddings (L, D); returns total steps."""
+    async def begin(self, job_id: str, params: Mapping[str, Any], positive: ConditioningArrays,
+                    negative: ConditioningArrays | None, latents: np.ndarray | None = None) -> int:
+        """Create the job on every rank from ResolvedParams fields and the prompts' conditioning; returns total steps."""
         self._check_usable()
         if hasattr(params, "model_dump"):
             params = params.model_dump()  # a ResolvedParams instance

@@ -35,7 +35,7 @@ from actors.job_store import TERMINAL_STATUSES, JobRecord, JobStore
 from actors.pool import GroupPool, StagePool
 from actors.resources import ClusterResources, check_fits, fit_to_cluster, placement_plan
 from actors.scheduler import QueueFull, StageScheduler
-from actors.stage_actors import TextEncoderActor, VAEDecoderActor
+from actors.stage_actors import ConditioningArrays, TextEncoderActor, VAEDecoderActor
 from actors.vae_group import VAEGroup
 from models.registry import describe
 from models.wan.default_model import resolve_model_path
@@ -84,8 +84,8 @@ class NullMetrics:
 
 @dataclass
 class _Embeddings:
-    positive: np.ndarray
-    negative: np.ndarray | None
+    positive: ConditioningArrays
+    negative: ConditioningArrays | None
 
 
 class StageEngine:

@@ -24,7 +24,6 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from models.wan.checkpoint import WanCheckpoint
 
 logger = logging.getLogger(__name__)
 
@@ -61,32 +60,28 @@ def resolve_model_folder(model: str | None) -> Path:
     return resolve_model_path(model)
 
 
-def resolve_checkpoint(model: str | None) -> "WanCheckpoint":
-    """The WanCheckpoint of a folder, or of the default model's name."""
-    from models.wan.checkpoint import WanCheckpoint
-
-    return WanCheckpoint.resolve(resolve_model_folder(model))
+ConditioningArrays = dict[str, "np.ndarray | None"]
+"""One prompt's conditioning as named float32 arrays (`models.conditioning.Conditioning.to_numpy`): what
+crosses the object store between the text-encoder pool and the DiT group."""
 
 
 class TextEncoderActor:
-    """Stage 1 in an actor: prompts -> float32 embeddings as numpy, cut to their real length."""
+    """Stage 1 in an actor: prompts -> the family's conditioning as named float32 arrays."""
 
-    def __init__(self, model: str, dtype: str, device: str, text_len: int | None = None) -> None:
-        """text_len: None = the DiT's context length from the checkpoint's preset (what the DiT expects)."""
+    def __init__(self, model: str, dtype: str, device: str) -> None:
+        from models.registry import describe
         from stages.text_encode import TextEncodeStage
 
-        checkpoint = resolve_checkpoint(model)
-        self.text_len = text_len or checkpoint.preset.dit.text_len
+        described = describe(resolve_model_folder(model))
         torch_dtype = resolve_dtype(dtype, device)
-        self.stage = TextEncodeStage.from_pretrained(checkpoint.text_encoder, self.text_len, dtype=torch_dtype,
-                                                     device=device)
-        logger.info("text encoder loaded from %s (%s on %s, text_len %d, pid %d)", checkpoint.root, torch_dtype,
-                    device, self.text_len, os.getpid())
+        self.stage = TextEncodeStage.from_pretrained(described, dtype=torch_dtype, device=device)
+        logger.info("text encoder of %s loaded (%s on %s, pid %d)", described.root, torch_dtype, device, os.getpid())
 
-    def encode(self, requests: list[tuple[str, str | None]]) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        """requests: (prompt, negative prompt or None) each -> (positive (L, D), negative (L', D) or None) float32."""
+    def encode(self, requests: list[tuple[str, str | None]]
+               ) -> list[tuple[ConditioningArrays, ConditioningArrays | None]]:
+        """requests: (prompt, negative prompt or None) each -> (positive, negative or None) conditioning arrays."""
         out = self.stage.run(list(requests))
-        return [(e.positive.numpy(), None if e.negative is None else e.negative.numpy()) for e in out]
+        return [(e.positive.to_numpy(), None if e.negative is None else e.negative.to_numpy()) for e in out]
 
     def ping(self) -> str:
         """Answers once the weights are loaded (the constructor runs before any method)."""
@@ -116,9 +111,9 @@ class VAEDecoderActor:
     def __init__(self, model: str, device: str) -> None:
         from stages.decode import DecodeStage
 
-        checkpoint = resolve_checkpoint(model)
-        self.stage = DecodeStage.from_pretrained(checkpoint.vae, device=device)
-        logger.info("VAE loaded from %s (fp32 on %s, pid %d)", checkpoint.vae, device, os.getpid())
+        folder = resolve_model_folder(model)
+        self.stage = DecodeStage.from_pretrained(folder, device=device)
+        logger.info("VAE of %s loaded (fp32 on %s, pid %d)", folder, device, os.getpid())
 
     def decode(self, latents: np.ndarray, out_path: str, fps: int, record: dict[str, Any]) -> dict[str, Any]:
         """latents (C, F', H', W') -> `out_path` (.mp4, or .png for one frame) + `<out_path stem>.json`.

@@ -14,7 +14,7 @@ round. The subjects:
 - concurrent: the same plain full forward on every rank at once, no communication. Not a parallel
   method: how much two busy ranks slow each other down on this machine (shared memory bandwidth,
   caches, clock), which no context-parallel method can avoid;
-- ulysses2, ring2 (`--layouts`): `ContextParallelDiT` over the 2 ranks.
+- ulysses2, ring2 (`--layouts`): `stages.runner.BlockRunner` over the 2 ranks.
 Each subject has its own copy of the weights, built from the same seed (the prepacked fp32 GEMM
 weights depend on the row count, which differs between 1 and 2 ranks). Why one spawn and not one per
 subject: on this shared machine a first version that ran baseline, ulysses2, ring2, baseline in four
@@ -81,7 +81,9 @@ from benchmarks.dit_forward import forward_flops  # noqa: E402
 from models.random_init import randomize_parameters  # noqa: E402
 from models.wan.config import WanDiTConfig, get_preset  # noqa: E402
 from models.wan.transformer import WanTransformer  # noqa: E402
-from parallel.dit import ContextParallelDiT, shard_bounds  # noqa: E402
+from models.conditioning import Conditioning  # noqa: E402
+from parallel.dit import shard_bounds  # noqa: E402
+from stages.runner import BlockRunner  # noqa: E402
 from parallel.launch import run_local  # noqa: E402
 from parallel.mesh import LayoutError, ParallelLayout, ParallelMesh  # noqa: E402
 
@@ -293,8 +295,9 @@ def run_ranks(rank: int, world_size: int, spec: Spec, layouts: dict[str, Paralle
         mesh = ParallelMesh.build(layout)
         assert mesh is not None, "every layout spans the whole group"
         meshes[name] = mesh
-        wrapper = ContextParallelDiT(copy.deepcopy(model), mesh)
-        forwards[name] = lambda w=wrapper: w(x, t, context)
+        runner = BlockRunner(copy.deepcopy(model), mesh)
+        conditioning = [Conditioning(c) for c in context]
+        forwards[name] = lambda r=runner: r(x, t, conditioning)
     setup_s = time.perf_counter() - began
 
     names = [BASELINE, CONCURRENT, *layouts]

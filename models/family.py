@@ -36,8 +36,9 @@ class LatentGeometry:
     """How pixels map to latents and latents to DiT tokens.
 
     channels: latent channels; temporal_stride: pixel frames per latent frame after the first (the
-    first frame is kept on its own, so frames = temporal_stride * n + 1); spatial_stride: pixels per
-    latent row/column; patch: latent (frames, rows, columns) per DiT token.
+    first frame is kept on its own, so frames = temporal_stride * n + 1), or 0 for an image model whose
+    latents have no frame axis; spatial_stride: pixels per latent row/column; patch: latent (frames,
+    rows, columns) per DiT token.
     """
 
     channels: int
@@ -45,14 +46,21 @@ class LatentGeometry:
     spatial_stride: int
     patch: tuple[int, int, int] = (1, 2, 2)
 
-    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """(C, F', H', W') of a (num_frames, height, width) request."""
-        return (self.channels, (num_frames - 1) // self.temporal_stride + 1, height // self.spatial_stride,
-                width // self.spatial_stride)
+    @property
+    def is_video(self) -> bool:
+        return self.temporal_stride > 0
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, ...]:
+        """(C, F', H', W') of a (num_frames, height, width) request; (C, H', W') for an image model."""
+        rows, cols = height // self.spatial_stride, width // self.spatial_stride
+        if not self.is_video:
+            return (self.channels, rows, cols)
+        return (self.channels, (num_frames - 1) // self.temporal_stride + 1, rows, cols)
 
     def tokens(self, num_frames: int, height: int, width: int) -> int:
         """DiT sequence length (image or video tokens) of a request."""
-        _, f, h, w = self.latent_shape(num_frames, height, width)
+        shape = self.latent_shape(num_frames, height, width)
+        f, h, w = shape[1:] if self.is_video else (1, *shape[1:])
         pf, ph, pw = self.patch
         return (f // pf) * (h // ph) * (w // pw)
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from models.attention import auto_attention
+from models.attention import AttentionFn, AttentionMeta, auto_attention
 from parallel.mesh import ParallelMesh
 
 _FLASH_AVAILABLE = importlib.util.find_spec("flash_attn") is not None
@@ -128,18 +128,25 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh: Para
 class ContextParallelAttention:
     """The `AttentionFn` of one rank: Ulysses, Ring or both, over the mesh's groups.
 
-    `seq_len`, the real (unpadded) token count, is set by the caller before each forward
-    (parallel.dit does), because the seam's signature carries only q, k and v.
+    `seq_len`, the real (unpadded) count of image/video tokens, is set by the caller before each
+    forward (stages/runner.py does): the model does not know how the runner padded its shards.
+    Cross-attention (queries on this rank's tokens, text keys replicated) is token-local and goes
+    straight to `attn_fn`.
     """
 
-    def __init__(self, mesh: ParallelMesh) -> None:
+    def __init__(self, mesh: ParallelMesh, attn_fn: AttentionFn = auto_attention) -> None:
         self.mesh = mesh
+        self.attn_fn = attn_fn
         self.seq_len: int | None = None
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+        if meta.kind == "cross":
+            return self.attn_fn(q, k, v, meta)
+        if meta.kind == "joint":
+            raise NotImplementedError("joint attention under context parallelism is not wired yet")
         if self.seq_len is None:
             raise RuntimeError("ContextParallelAttention.seq_len is unset; set it to the real token count "
-                               "before the forward (parallel.dit.ContextParallelDiT does)")
+                               "before the forward (stages.runner.BlockRunner does)")
         layout = self.mesh.layout
         u, r = layout.ulysses_degree, layout.ring_degree
         if u > 1:
@@ -150,7 +157,7 @@ class ContextParallelAttention:
             out = ring_attention(q, k, v, self.mesh, self.seq_len)
         else:
             # The whole (padded) sequence is here: drop the padded keys, then one plain attention call.
-            out = auto_attention(q, k[:, : self.seq_len], v[:, : self.seq_len])
+            out = self.attn_fn(q, k[:, : self.seq_len], v[:, : self.seq_len], meta)
         if u > 1:
             out = heads_to_seq(out, self.mesh.ulysses_group, u)
         return out

@@ -10,19 +10,20 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from models.attention import AttentionFn, auto_attention
-from models.wan.checkpoint import WanCheckpoint
-from models.wan.config import WAN_LATENT
-from models.wan.transformer import WanTransformer
-from parallel.dit import ContextParallelDiT
+from models.denoiser import BlockDenoiser
+from models.family import GuidanceKind, LatentGeometry, ModelDescription
+from models.registry import describe, family_module
 from parallel.mesh import ParallelMesh
-from stages.params import ResolvedParams
-from stages.samplers import FlowSampler, make_sampler
 from stages.embeddings import PromptEmbeddings
+from stages.params import ResolvedParams
+from stages.runner import BlockRunner
+from stages.samplers import FlowSampler, make_sampler
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +31,13 @@ ProgressFn = Callable[[int, int], None]
 """Called as progress(steps_done, total_steps) after every denoising step."""
 
 
-def latent_shape(num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """(C, F', H', W') of the latents for a video of num_frames x height x width (frames 4n+1)."""
-    return WAN_LATENT.latent_shape(num_frames, height, width)
-
-
-def initial_noise(params: ResolvedParams) -> torch.Tensor:
+def initial_noise(params: ResolvedParams, latent: LatentGeometry) -> torch.Tensor:
     """fp32 Gaussian latents from the request's seed, drawn on the CPU so every device agrees.
 
     (The official Wan code draws on CUDA, whose generator gives other numbers for the same seed.)
     """
     generator = torch.Generator("cpu").manual_seed(params.seed)
-    shape = latent_shape(params.num_frames, params.height, params.width)
+    shape = latent.latent_shape(params.num_frames, params.height, params.width)
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
@@ -66,69 +62,78 @@ class DenoiseJob:
 
 
 class DenoiseStage:
-    """Runs the DiT (one expert, or Wan2.2's high/low-noise pair) over the sampler's timesteps.
+    """Runs a family's DiT (one expert, or Wan2.2's high/low-noise pair) over the sampler's timesteps.
 
-    With a `ParallelMesh` every forward is spread over the mesh's ranks (`parallel.dit`), and all
-    ranks of the mesh must then drive the same jobs through the same calls together.
+    guidance: how the model is guided ("cfg": two branches combined as v_u + g (v_c - v_u); "distilled":
+    one branch with the scale as a model input; "none": one branch). The seeded noise takes the shape of
+    the DiT class's `latent` geometry (its family's VAE latents). Every forward goes through `stages.runner.BlockRunner`; with a
+    `ParallelMesh` it is spread over the mesh's ranks, and all ranks of the mesh must then drive the
+    same jobs through the same calls together.
     """
 
-    def __init__(self, experts: Sequence[WanTransformer], boundary: float | None = None,
-                 mesh: ParallelMesh | None = None) -> None:
+    def __init__(self, experts: Sequence[BlockDenoiser], boundary: float | None = None,
+                 mesh: ParallelMesh | None = None, guidance: GuidanceKind = "cfg",
+                 attn_fn: AttentionFn = auto_attention) -> None:
         if len(experts) not in (1, 2) or (len(experts) == 2) != (boundary is not None):
             raise ValueError("pass one expert, or two experts (high-noise first) with a boundary")
         self.experts = list(experts)
+        self.latent: LatentGeometry = experts[0].latent
         self.boundary = boundary
-        first = next(self.experts[0].parameters())
+        self.guidance = guidance
+        self.attn_fn = attn_fn
+        first = next(self.experts[0].parameters())  # type: ignore[attr-defined]
         self.device = first.device
         self.mesh: ParallelMesh | None = None
-        self._denoisers: list[WanTransformer | ContextParallelDiT] = list(self.experts)
+        self._runners = [BlockRunner(expert, None, attn_fn) for expert in self.experts]
         if mesh is not None:
             self.use_mesh(mesh)
 
     def use_mesh(self, mesh: ParallelMesh) -> None:
         """Spread every forward over `mesh` (set once the process group exists, after loading)."""
         self.mesh = mesh
-        self._denoisers = [ContextParallelDiT(expert, mesh) for expert in self.experts]
+        self._runners = [BlockRunner(expert, mesh, self.attn_fn) for expert in self.experts]
 
     @classmethod
-    def from_pretrained(cls, checkpoint: WanCheckpoint, dtype: torch.dtype = torch.float32,
+    def from_pretrained(cls, model: ModelDescription | str | Path, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu", attn_fn: AttentionFn = auto_attention,
                         mesh: ParallelMesh | None = None) -> "DenoiseStage":
-        experts = [WanTransformer.from_pretrained(d, dtype=dtype, device=device) for d in checkpoint.transformer_dirs]
-        for expert in experts:
-            expert.set_attention(attn_fn)
-        return cls(experts, checkpoint.preset.boundary, mesh)
+        """The DiT(s) of a checkpoint folder (or its description), loaded by the family's factory."""
+        model = model if isinstance(model, ModelDescription) else describe(model)
+        experts, boundary = family_module(model.family).load_denoisers(model, dtype=dtype, device=device)
+        return cls(experts, boundary, mesh, model.guidance, attn_fn)
 
     def start(self, params: ResolvedParams, embeddings: PromptEmbeddings,
               latents: torch.Tensor | None = None) -> DenoiseJob:
         """A job at step 0; `latents` overrides the seeded noise (used by parity tests)."""
-        if params.guided and embeddings.negative is None:
+        if params.guided and self.guidance == "cfg" and embeddings.negative is None:
             raise ValueError("guided denoising needs negative-prompt embeddings")
         sampler = make_sampler(params.sampler, params.num_inference_steps, params.shift)
-        noise = initial_noise(params) if latents is None else latents.to(torch.float32)
+        noise = initial_noise(params, self.latent) if latents is None else latents.to(torch.float32)
         return DenoiseJob(params, embeddings, sampler, noise)
 
-    def _expert_and_guidance(self, timestep: int,
-                             params: ResolvedParams) -> tuple[WanTransformer | ContextParallelDiT, float]:
+    def _expert_and_guidance(self, timestep: float, params: ResolvedParams) -> tuple[BlockRunner, float]:
         if self.boundary is None or timestep >= self.boundary * 1000:
-            return self._denoisers[0], params.guidance_scale
-        return self._denoisers[1], params.guidance_scale_2
+            return self._runners[0], params.guidance_scale
+        return self._runners[1], params.guidance_scale_2
 
     @torch.inference_mode()
     def velocity(self, job: DenoiseJob, timestep: torch.Tensor) -> torch.Tensor:
-        """The guided velocity v_u + g * (v_c - v_u) at one timestep (one batched forward for both branches)."""
-        model, guidance = self._expert_and_guidance(int(timestep), job.params)
+        """The model's velocity at one timestep; under CFG v_u + g * (v_c - v_u), from one batched forward
+        of both branches."""
+        runner, scale = self._expert_and_guidance(float(timestep), job.params)
         x = job.latents.to(self.device)[None]
-        contexts = [job.embeddings.positive.to(self.device)]
-        if guidance != 1.0:
-            contexts.append(job.embeddings.negative.to(self.device))  # type: ignore[union-attr]
-        batch = len(contexts)
+        branches = [job.embeddings.positive]
+        if self.guidance == "cfg" and scale != 1.0:
+            branches.append(job.embeddings.negative)  # type: ignore[arg-type]  # checked in start
+        batch = len(branches)
         t = timestep.to(self.device).reshape(1).expand(batch)
-        v = model(x.expand(batch, *x.shape[1:]), t, contexts).float()
+        guidance = torch.full((batch,), scale, device=self.device) if self.guidance == "distilled" else None
+        conditioning = [c.to(self.device) for c in branches]
+        v = runner(x.expand(batch, *x.shape[1:]), t, conditioning, guidance, step=job.step).float()
         if batch == 1:
             return v[0]
         v_cond, v_uncond = v[0], v[1]
-        return v_uncond + guidance * (v_cond - v_uncond)
+        return v_uncond + scale * (v_cond - v_uncond)
 
     def run_steps(self, job: DenoiseJob, max_steps: int | None = None,
                   progress: ProgressFn | None = None) -> DenoiseJob:

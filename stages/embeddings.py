@@ -9,13 +9,26 @@ from dataclasses import dataclass
 
 import torch
 
+from models.conditioning import Conditioning
+
 
 @dataclass
 class PromptEmbeddings:
-    """One request's text conditioning; tensors are CPU float32, cut to their real length.
+    """One request's conditioning: the prompt's, and the negative prompt's or None when unguided.
 
-    positive: (L_pos, text_dim); negative: (L_neg, text_dim), or None when guidance is off.
+    A bare tensor is taken as the conditioning's `context` (Wan's only tensor).
     """
 
-    positive: torch.Tensor
-    negative: torch.Tensor | None
+    positive: Conditioning
+    negative: Conditioning | None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.positive, torch.Tensor):
+            self.positive = Conditioning(self.positive)
+        if isinstance(self.negative, torch.Tensor):
+            self.negative = Conditioning(self.negative)
+
+    @property
+    def branches(self) -> list[Conditioning]:
+        """[positive] or [positive, negative]: the CFG batch order."""
+        return [self.positive] if self.negative is None else [self.positive, self.negative]

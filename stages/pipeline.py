@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from models.family import ModelDescription
-from models.wan import family as wan_family
-from models.wan.checkpoint import WanCheckpoint
+from models.registry import describe
 from parallel.mesh import ParallelMesh
 from stages.decode import DecodeStage
 from stages.denoise import DenoiseStage, ProgressFn
@@ -62,16 +61,14 @@ class Pipeline:
         from models.wan.default_model import resolve_model_path
 
         root = resolve_model_path(path_or_preset)
-        checkpoint = WanCheckpoint.resolve(root)
+        model = describe(root)
         dtype = dtype or default_dtype(device)
-        logger.info("loading %s (%s layout, preset %s) in %s on %s", root, checkpoint.layout,
-                    checkpoint.preset.name, dtype, device)
+        logger.info("loading %s (%s, preset %s) in %s on %s", root, model.family, model.name, dtype, device)
         return cls(
-            TextEncodeStage.from_pretrained(checkpoint.text_encoder, checkpoint.preset.dit.text_len,
-                                            dtype=dtype, device=device),
-            DenoiseStage.from_pretrained(checkpoint, dtype=dtype, device=device, mesh=mesh),
-            DecodeStage.from_pretrained(checkpoint.vae, device=device),
-            wan_family.describe(root),
+            TextEncodeStage.from_pretrained(model, dtype=dtype, device=device),
+            DenoiseStage.from_pretrained(model, dtype=dtype, device=device, mesh=mesh),
+            DecodeStage.from_pretrained(model, device=device),
+            model,
             model_name=str(root),
             mesh=mesh,
         )

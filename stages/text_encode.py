@@ -1,26 +1,36 @@
-"""Stage 1: prompts -> text embeddings (umT5), batched over every prompt it is given."""
+"""Stage 1: prompts -> text conditioning, batched over every prompt it is given (the family's encoder)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol, Sequence
 
 import torch
 
-from models.wan.text_encoder import WanTextEncoder
+from models.conditioning import Conditioning
+from models.family import ModelDescription
+from models.registry import describe, family_module
 from stages.embeddings import PromptEmbeddings
+
+
+class TextEncoder(Protocol):
+    """A family's text encoder(s): prompts -> one conditioning each (CPU float32)."""
+
+    def conditioning(self, prompts: Sequence[str]) -> list[Conditioning]: ...
 
 
 class TextEncodeStage:
     """Encodes the prompts of one or many requests in a single encoder forward."""
 
-    def __init__(self, encoder: WanTextEncoder) -> None:
+    def __init__(self, encoder: TextEncoder) -> None:
         self.encoder = encoder
 
     @classmethod
-    def from_pretrained(cls, root: str | Path, text_len: int = 512, dtype: torch.dtype = torch.float32,
+    def from_pretrained(cls, model: ModelDescription | str | Path, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> "TextEncodeStage":
-        """text_len: the DiT's context length (longer prompts are cut to it, EOS kept)."""
-        return cls(WanTextEncoder.from_pretrained(root, dtype=dtype, device=device, text_len=text_len))
+        """The text encoder(s) of a checkpoint folder (or its description), by the family's factory."""
+        model = model if isinstance(model, ModelDescription) else describe(model)
+        return cls(family_module(model.family).load_text_encoder(model, dtype=dtype, device=device))
 
     @torch.inference_mode()
     def run(self, requests: list[tuple[str, str | None]]) -> list[PromptEmbeddings]:
@@ -30,6 +40,6 @@ class TextEncodeStage:
             texts.append(prompt)
             if negative is not None:
                 texts.append(negative)
-        encoded = iter(e.detach().to("cpu", torch.float32) for e in self.encoder.encode(texts))
+        encoded = iter(self.encoder.conditioning(texts))
         return [PromptEmbeddings(next(encoded), next(encoded) if negative is not None else None)
                 for _, negative in requests]

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.family import LatentGeometry
+
 
 @dataclass(frozen=True)
 class FluxDiTConfig:
@@ -138,6 +140,9 @@ class FluxPreset:
             raise ValueError(f"preset {self.name!r}: a default guidance is needed exactly when the DiT has a "
                              f"guidance embedding")
 
+
+FLUX_LATENT = LatentGeometry(channels=16, temporal_stride=0, spatial_stride=8, patch=(1, 2, 2))
+"""The FLUX.1 VAE's latents: 16 channels at 1/8 of the pixels, no frame axis; the DiT packs 2x2 into a token."""
 
 FLUX1_DEV = FluxDiTConfig(guidance_embed=True)
 FLUX1_SCHNELL = FluxDiTConfig(guidance_embed=False)

@@ -34,6 +34,7 @@ from transformers import (
     T5EncoderModel,
 )
 
+from models.conditioning import Conditioning
 from models.loading import CheckpointError, StateDict, load_safetensors_dir, load_strict, meta_device
 
 __all__ = ["CLIP_MAX_LENGTH", "FluxTextEncoder", "T5_MAX_LENGTH", "load_clip", "load_t5", "load_tokenizer"]
@@ -124,6 +125,16 @@ class FluxTextEncoder:
         t5_ids = self._ids(self.t5_tokenizer, prompts_2, self.max_sequence_length)
         context = self.t5(t5_ids.to(self.t5.device)).last_hidden_state
         return context, pooled
+
+    def conditioning(self, prompts: Sequence[str]) -> list[Conditioning]:
+        """`encode` as the family-neutral conditioning: the padded T5 sequence and the CLIP pooled vector of
+        each prompt (both encoders read the same prompt), CPU float32."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not a single string; wrap it as [prompt]")
+        if not prompts:
+            return []
+        context, pooled = (x.detach().to("cpu", torch.float32) for x in self.encode(prompts))
+        return [Conditioning(c.clone(), p.clone()) for c, p in zip(context, pooled)]
 
 
 def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:

@@ -35,14 +35,17 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention import AttentionFn, auto_attention
+from models.attention import AttentionFn, AttentionMeta, auto_attention
+from models.conditioning import Conditioning
+from models.denoiser import TokenState
 from models.flux.checkpoint import ORIGINAL_DIT_FILES, resolve_dit
-from models.flux.config import FluxDiTConfig
+from models.flux.config import FLUX_LATENT, FluxDiTConfig
 from models.flux.transformer_keys import diffusers_to_original, original_to_diffusers, strip_original_prefix
 from models.loading import (
     CheckpointError,
@@ -179,10 +182,11 @@ def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.
 
 
 def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeTables,
-                    attn_fn: AttentionFn) -> torch.Tensor:
-    """q, k fp32 (B, S, H, D) after their norms; RoPE, then `attn_fn` in v's dtype -> (B, S, H*D)."""
+                    attn_fn: AttentionFn, layer: int, text_len: int) -> torch.Tensor:
+    """q, k fp32 (B, S, H, D) after their norms, text rows first; RoPE, then `attn_fn` in v's dtype -> (B, S, H*D)."""
     dtype = v.dtype
-    out = attn_fn(apply_rope(q, rope).to(dtype), apply_rope(k, rope).to(dtype), v)
+    meta = AttentionMeta(layer=layer, kind="joint", text_len=text_len)
+    out = attn_fn(apply_rope(q, rope).to(dtype), apply_rope(k, rope).to(dtype), v, meta)
     return out.flatten(2)
 
 
@@ -216,9 +220,10 @@ def _run_mlp(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 class DoubleStreamBlock(nn.Module):
     """BFL `DoubleStreamBlock` (diffusers `FluxTransformerBlock`)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, attn_fn: AttentionFn) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, attn_fn: AttentionFn, layer: int = 0) -> None:
         super().__init__()
         self.attn_fn = attn_fn
+        self.layer = layer
         self.img_mod = Modulation(dim, 2)
         self.img_attn = SelfAttention(dim, num_heads)
         self.img_mlp = _mlp(mlp_hidden, dim)
@@ -234,9 +239,9 @@ class DoubleStreamBlock(nn.Module):
         # 1. joint attention over cat(text, image)
         img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1))
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1))
-        attn = joint_attention(torch.cat([txt_q, img_q], 1), torch.cat([txt_k, img_k], 1),
-                               torch.cat([txt_v, img_v], 1), rope, self.attn_fn)
         text_len = txt.shape[1]
+        attn = joint_attention(torch.cat([txt_q, img_q], 1), torch.cat([txt_k, img_k], 1),
+                               torch.cat([txt_v, img_v], 1), rope, self.attn_fn, self.layer, text_len)
         txt_attn, img_attn = attn[:, :text_len], attn[:, text_len:]
         # 2. gated residuals: attention, then the MLP, per stream
         img = img + img_gate1 * _linear(self.img_attn.proj, img_attn).float()
@@ -256,9 +261,10 @@ class SingleStreamBlock(nn.Module):
     Takes and returns the two streams, like the double block, so block loops treat both kinds alike.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, attn_fn: AttentionFn) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, attn_fn: AttentionFn, layer: int = 0) -> None:
         super().__init__()
         self.attn_fn = attn_fn
+        self.layer = layer
         self.num_heads = num_heads
         self.dim = dim
         self.mlp_hidden = mlp_hidden
@@ -275,7 +281,8 @@ class SingleStreamBlock(nn.Module):
         shift, scale, gate = self.modulation(vec)
         qkv, mlp = _linear(self.linear1, modulate(x, shift, scale)).split([3 * self.dim, self.mlp_hidden], dim=-1)
         q, k, v = split_heads(qkv, self.num_heads)
-        attn = joint_attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope, self.attn_fn)
+        attn = joint_attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope, self.attn_fn, self.layer,
+                               text_len)
         out = _linear(self.linear2, torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1)).float()
         x = x + gate * out
         return x[:, text_len:], x[:, :text_len]
@@ -348,6 +355,9 @@ class FluxTransformer(nn.Module):
     parallelism swaps). Use `from_pretrained` for checkpoints.
     """
 
+    latent = FLUX_LATENT
+    """The FLUX.1 VAE latents it denoises."""
+
     def __init__(self, config: FluxDiTConfig, attn_fn: AttentionFn = auto_attention) -> None:
         super().__init__()
         self.config = config
@@ -361,10 +371,12 @@ class FluxTransformer(nn.Module):
         self.txt_in = nn.Linear(config.context_dim, d)
         # 2. blocks
         self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(d, config.num_heads, config.mlp_hidden, attn_fn) for _ in range(config.num_double_blocks)
+            DoubleStreamBlock(d, config.num_heads, config.mlp_hidden, attn_fn, layer)
+            for layer in range(config.num_double_blocks)
         )
         self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(d, config.num_heads, config.mlp_hidden, attn_fn) for _ in range(config.num_single_blocks)
+            SingleStreamBlock(d, config.num_heads, config.mlp_hidden, attn_fn, config.num_double_blocks + layer)
+            for layer in range(config.num_single_blocks)
         )
         # 3. final layer
         self.final_layer = LastLayer(d, config.in_channels)
@@ -451,6 +463,27 @@ class FluxTransformer(nn.Module):
         for block in self.blocks:
             img, txt = block(img, txt, state.vec, state.rope)
         return self.finalize(img, state)
+
+    # ---- the family-neutral block protocol (models/denoiser.py), what stages/runner.py drives ----
+    def begin(self, latents: torch.Tensor, t: torch.Tensor, conditioning: Sequence[Conditioning],
+              guidance: torch.Tensor | None = None) -> TokenState:
+        """`prepare` on the branches' T5 contexts and CLIP pooled vectors, stacked."""
+        if any(c.pooled is None for c in conditioning):
+            raise ValueError("FLUX.1 needs the pooled CLIP vector of every prompt (Conditioning.pooled)")
+        context = torch.stack([c.context for c in conditioning]).to(latents.device)
+        pooled = torch.stack([c.pooled for c in conditioning]).to(latents.device)  # type: ignore[misc]
+        state = self.prepare(latents, t, context, pooled, guidance)
+        return TokenState(img=state.img, txt=state.txt, rope=state.rope, text_len=state.text_len, model=state)
+
+    def run_block(self, block: Block, img: torch.Tensor, txt: torch.Tensor | None,
+                  state: TokenState) -> tuple[torch.Tensor, torch.Tensor]:
+        return block(img, txt, state.model.vec, state.rope)
+
+    def run_head(self, img: torch.Tensor, state: TokenState) -> torch.Tensor:
+        return self.final_layer(img, state.model.vec)
+
+    def to_latents(self, patches: torch.Tensor, state: TokenState) -> torch.Tensor:
+        return unpack_latents(patches, state.model.grid).to(state.model.dtype)
 
     # ---- checkpoints ----
     @classmethod

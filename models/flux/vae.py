@@ -264,6 +264,9 @@ class Decoder(nn.Module):
 class FluxVAE(nn.Module):
     """FLUX.1 autoencoder: images in [-1, 1] <-> normalised latents (B, 16, H/8, W/8) for the DiT."""
 
+    image_wide_norms = True
+    """Its decoder's GroupNorms average over the whole image: a strip-parallel decode must share their sums."""
+
     def __init__(self, config: FluxVAEConfig = FLUX1_VAE) -> None:
         super().__init__()
         self.config = config

@@ -1,14 +1,22 @@
-"""The Wan family's entry in the model registry: which folders are Wan checkpoints, and their description."""
+"""The Wan family's entry in the model registry: which folders are Wan checkpoints, their description, and
+the factories of their text encoder, DiT experts and VAE."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from models.family import ModelDescription
 from models.wan.checkpoint import ORIGINAL_EXPERT_DIRS, WanCheckpoint
 from models.wan.config import WAN_DEFAULT_NEGATIVE_PROMPT, WAN_LATENT, WanPreset
+
+if TYPE_CHECKING:
+    import torch
+
+    from models.wan.text_encoder import WanTextEncoder
+    from models.wan.transformer import WanTransformer
+    from models.wan.vae import WanVAE
 
 
 def recognises(root: Path) -> bool:
@@ -45,3 +53,35 @@ def description(preset: WanPreset, root: Path = Path("."), components: Mapping[s
         num_experts=preset.num_experts, guidance="cfg", defaults=preset.defaults, latent=WAN_LATENT,
         text_len=preset.dit.text_len, guidance_scale_2=preset.guidance_scale_2,
         negative_prompt=WAN_DEFAULT_NEGATIVE_PROMPT, components=dict(components or {}))
+
+
+# ---- factories: what the stages build from a description (torch and transformers load only here) ----
+def _checkpoint(model: ModelDescription) -> WanCheckpoint:
+    return WanCheckpoint.resolve(model.root)
+
+
+def load_text_encoder(model: ModelDescription, dtype: "torch.dtype", device: "torch.device | str") -> "WanTextEncoder":
+    """umT5-XXL, cutting prompts to the DiT's context length."""
+    from models.wan.text_encoder import WanTextEncoder
+
+    return WanTextEncoder.from_pretrained(_checkpoint(model).text_encoder, dtype=dtype, device=device,
+                                          text_len=model.text_len)
+
+
+def load_denoisers(model: ModelDescription, dtype: "torch.dtype", device: "torch.device | str"
+                   ) -> tuple[list["WanTransformer"], float | None]:
+    """The expert DiT(s), high-noise first, and the switching boundary (None with one expert)."""
+    from models.wan.transformer import WanTransformer
+
+    checkpoint = _checkpoint(model)
+    experts = [WanTransformer.from_pretrained(d, dtype=dtype, device=device) for d in checkpoint.transformer_dirs]
+    return experts, checkpoint.preset.boundary
+
+
+def load_decoder(model: ModelDescription, device: "torch.device | str") -> "WanVAE":
+    """The Wan-VAE in fp32 (as the reference decodes)."""
+    import torch
+
+    from models.wan.vae import WanVAE
+
+    return WanVAE.from_pretrained(_checkpoint(model).vae, dtype=torch.float32, device=device)

@@ -23,6 +23,7 @@ import ftfy
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
+from models.conditioning import Conditioning
 from models.loading import (
     CheckpointError,
     check_keys,
@@ -201,6 +202,10 @@ class WanTextEncoder:
         hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
         lengths = mask.gt(0).sum(dim=1).tolist()
         return [h[:n].clone() for h, n in zip(hidden, lengths)]
+
+    def conditioning(self, prompts: Sequence[str]) -> list[Conditioning]:
+        """`encode` as the family-neutral conditioning (Wan's is the sequence alone), CPU float32."""
+        return [Conditioning(e.detach().to("cpu", torch.float32)) for e in self.encode(prompts)]
 
     # ---- saving ----
     def wan_state_dict(self) -> StateDict:

@@ -22,8 +22,9 @@ values equal the inference path's up to rounding (the batched adaLN LayerNorm ro
 
 Block protocol, for feature caches and context parallelism that must not edit this file:
 `state = model.prepare(x, t, context)`, then `h = block(h, state.e0, state.context, state.rope)`
-for each of `model.blocks`, then `model.finalize(h, state)`. A context-parallel rank slices
-`state.x` and both `state.rope` tables along the token axis and swaps `attn_fn` for self-attention.
+for each of `model.blocks`, then `model.finalize(h, state)`. `begin` / `run_block` / `run_head` /
+`to_latents` wrap these in the family-neutral protocol of models/denoiser.py that stages/runner.py
+drives. Self- and cross-attention both go through the `attn_fn` seam, with an `AttentionMeta` each.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention import AttentionFn, auto_attention
+from models.attention import AttentionFn, AttentionMeta, auto_attention
+from models.conditioning import Conditioning
+from models.denoiser import TokenState
 from models.loading import (
     CheckpointError,
     load_safetensors_dir,
@@ -49,7 +52,7 @@ from models.loading import (
     save_safetensors_sharded,
 )
 from models.wan.checkpoint import read_dit_config
-from models.wan.config import WanDiTConfig
+from models.wan.config import WAN_LATENT, WanDiTConfig
 from models.wan.transformer_keys import diffusers_to_original, original_to_diffusers, strip_original_prefix
 
 logger = logging.getLogger(__name__)
@@ -309,7 +312,7 @@ class PackedLinear(nn.Linear):
 class WanSelfAttention(nn.Module):
     """q/k RMSNorm over all heads, 3D RoPE on q and k, attention through the `attn_fn` seam."""
 
-    def __init__(self, dim: int, num_heads: int, eps: float, attn_fn: AttentionFn) -> None:
+    def __init__(self, dim: int, num_heads: int, eps: float, attn_fn: AttentionFn, layer: int = 0) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.q = PackedLinear(dim, dim)
@@ -319,6 +322,7 @@ class WanSelfAttention(nn.Module):
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
         self.attn_fn = attn_fn
+        self.meta = AttentionMeta(layer=layer, kind="self")
 
     def forward(self, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
         """x: (B, L, d) in the matmul dtype; rope: tables for these L tokens -> (B, L, d) in the matmul dtype."""
@@ -326,14 +330,17 @@ class WanSelfAttention(nn.Module):
         q = self.norm_q(self.q(x), rope, self.num_heads).to(dtype)
         k = self.norm_k(self.k(x), rope, self.num_heads).to(dtype)
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
-        out = self.attn_fn(q, k, v)
+        out = self.attn_fn(q, k, v, self.meta)
         return self.o(out.flatten(2))
 
 
 class WanCrossAttention(nn.Module):
-    """Attention from video tokens to the text_len text tokens: q/k RMSNorm, no RoPE, no mask."""
+    """Attention from video tokens to the text_len text tokens: q/k RMSNorm, no RoPE, no mask.
 
-    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+    (Wan attends to the zero rows past each prompt too: they are keys like the others.)
+    """
+
+    def __init__(self, dim: int, num_heads: int, eps: float, attn_fn: AttentionFn, layer: int = 0) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.q = PackedLinear(dim, dim)
@@ -342,6 +349,8 @@ class WanCrossAttention(nn.Module):
         self.o = PackedLinear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
+        self.attn_fn = attn_fn
+        self.meta = AttentionMeta(layer=layer, kind="cross")
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: (B, L, d), context: (B, text_len, d), both in the matmul dtype -> (B, L, d)."""
@@ -349,8 +358,7 @@ class WanCrossAttention(nn.Module):
         q = self.norm_q(self.q(x)).to(dtype).unflatten(-1, (self.num_heads, -1))
         k = self.norm_k(self.k(context)).to(dtype).unflatten(-1, (self.num_heads, -1))
         v = self.v(context).unflatten(-1, (self.num_heads, -1))
-        # The text keys are never sharded, so cross-attention bypasses the context-parallel seam.
-        out = auto_attention(q, k, v)
+        out = self.attn_fn(q, k, v, self.meta)
         return self.o(out.flatten(2))
 
 
@@ -363,12 +371,13 @@ class WanBlock(nn.Module):
     Modulation order (modulation + e0) is (shift, scale, gate) for attention, then for the FFN.
     """
 
-    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float, attn_fn: AttentionFn) -> None:
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float, attn_fn: AttentionFn,
+                 layer: int = 0) -> None:
         super().__init__()
         self.eps = eps
-        self.self_attn = WanSelfAttention(dim, num_heads, eps, attn_fn)
+        self.self_attn = WanSelfAttention(dim, num_heads, eps, attn_fn, layer)
         self.norm3 = nn.LayerNorm(dim, eps=eps, elementwise_affine=True)
-        self.cross_attn = WanCrossAttention(dim, num_heads, eps)
+        self.cross_attn = WanCrossAttention(dim, num_heads, eps, attn_fn, layer)
         self.ffn = nn.Sequential(PackedLinear(dim, ffn_dim), nn.GELU(approximate="tanh"),
                                  PackedLinear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
@@ -450,6 +459,9 @@ class WanTransformer(nn.Module):
     context parallelism swaps). Use `from_pretrained` for checkpoints; `cast_weights` for bf16.
     """
 
+    latent = WAN_LATENT
+    """The Wan-VAE latents it denoises."""
+
     def __init__(self, config: WanDiTConfig, attn_fn: AttentionFn = auto_attention) -> None:
         super().__init__()
         self.config = config
@@ -463,7 +475,8 @@ class WanTransformer(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), PackedLinear(d, 6 * d))
         # 3. blocks
         self.blocks = nn.ModuleList(
-            WanBlock(d, config.ffn_dim, config.num_heads, config.eps, attn_fn) for _ in range(config.num_layers)
+            WanBlock(d, config.ffn_dim, config.num_heads, config.eps, attn_fn, layer)
+            for layer in range(config.num_layers)
         )
         # 4. head
         self.head = WanHead(d, config.out_dim, config.patch_size, config.eps)
@@ -505,9 +518,11 @@ class WanTransformer(nn.Module):
         return sum(layer.packed_bytes for layer in self.modules() if isinstance(layer, PackedLinear))
 
     def set_attention(self, attn_fn: AttentionFn) -> None:
-        """Swap the self-attention function of every block (the context-parallel seam)."""
+        """Swap the attention function (self- and cross-attention) of every block: the seam that context
+        parallelism, attention backends and feature caches use."""
         for block in self.blocks:
             block.self_attn.attn_fn = attn_fn
+            block.cross_attn.attn_fn = attn_fn
 
     # ---- block protocol ----
     def rope(self, grid: tuple[int, int, int], device: torch.device | str | None = None) -> RopeTables:
@@ -601,6 +616,25 @@ class WanTransformer(nn.Module):
         for block in self.blocks:  # 3. blocks
             h = block(h, state.e0, state.context, state.rope)
         return self.finalize(h, state)  # 4. head, unpatchify
+
+    # ---- the family-neutral block protocol (models/denoiser.py), what stages/runner.py drives ----
+    def begin(self, latents: torch.Tensor, t: torch.Tensor, conditioning: Sequence[Conditioning],
+              guidance: torch.Tensor | None = None) -> TokenState:
+        """`prepare` on one context per branch; Wan has no joint text stream and no guidance input."""
+        if guidance is not None:
+            raise ValueError("Wan takes no guidance input: its guidance is classifier-free (two branches)")
+        state = self.prepare(latents, t, [c.context for c in conditioning])
+        return TokenState(img=state.x, txt=None, rope=state.rope, text_len=0, model=state)
+
+    def run_block(self, block: WanBlock, img: torch.Tensor, txt: None,
+                  state: TokenState) -> tuple[torch.Tensor, None]:
+        return block(img, state.model.e0, state.model.context, state.rope), None
+
+    def run_head(self, img: torch.Tensor, state: TokenState) -> torch.Tensor:
+        return self.head(img, state.model.e)
+
+    def to_latents(self, patches: torch.Tensor, state: TokenState) -> torch.Tensor:
+        return self.unpatchify(patches, state.model.grid).to(state.model.dtype)
 
     # ---- checkpoints ----
     @classmethod

@@ -30,11 +30,11 @@ def request_data(tiny_model: str) -> tuple[ResolvedParams, np.ndarray, np.ndarra
     params = GenerationParams(prompt="a red circle moving left", height=32, width=32, num_frames=5,
                               num_inference_steps=STEPS, guidance_scale=5.0, seed=11).resolve(
         wan_family.description(checkpoint.preset))
-    (emb,) = TextEncodeStage.from_pretrained(checkpoint.text_encoder, checkpoint.preset.dit.text_len).run(
+    (emb,) = TextEncodeStage.from_pretrained(checkpoint.root).run(
         [(params.prompt, params.negative_prompt)])
     assert emb.negative is not None
-    reference = DenoiseStage.from_pretrained(checkpoint).run(params, emb)
-    return params, emb.positive.numpy(), emb.negative.numpy(), reference.numpy()
+    reference = DenoiseStage.from_pretrained(checkpoint.root).run(params, emb)
+    return params, emb.positive.to_numpy(), emb.negative.to_numpy(), reference.numpy()
 
 
 def _config(world_size: int, **degrees: int) -> ServiceConfig:

@@ -60,23 +60,25 @@ def test_pool_places_one_bundle_per_actor(pools: Any) -> None:
 def test_encode_matches_in_process_stage(pools: Any, checkpoint: WanCheckpoint, run: Callable) -> None:
     text, _ = pools
     got = run(text.call("encode", REQUESTS))
-    reference = TextEncodeStage.from_pretrained(checkpoint.text_encoder, checkpoint.preset.dit.text_len).run(REQUESTS)
+    reference = TextEncodeStage.from_pretrained(checkpoint.root).run(REQUESTS)
     assert len(got) == len(reference) == 2
     for (positive, negative), ref in zip(got, reference):
-        assert isinstance(positive, np.ndarray) and positive.dtype == np.float32
-        assert positive.shape[0] < checkpoint.preset.dit.text_len  # cut to the prompt's real length
-        np.testing.assert_array_equal(positive, ref.positive.numpy())
+        context = positive["context"]
+        assert isinstance(context, np.ndarray) and context.dtype == np.float32
+        assert positive["pooled"] is None and positive["mask"] is None  # Wan's conditioning is the sequence alone
+        assert context.shape[0] < checkpoint.preset.dit.text_len  # cut to the prompt's real length
+        np.testing.assert_array_equal(context, ref.positive.context.numpy())
         if ref.negative is None:
             assert negative is None
         else:
-            np.testing.assert_array_equal(negative, ref.negative.numpy())
+            np.testing.assert_array_equal(negative["context"], ref.negative.context.numpy())
 
 
 def test_decode_png_is_exact_and_mp4_has_every_frame(pools: Any, checkpoint: WanCheckpoint, tmp_path: Path,
                                                      run: Callable) -> None:
     _, vae = pools
     rng = np.random.default_rng(0)
-    reference = DecodeStage.from_pretrained(checkpoint.vae)
+    reference = DecodeStage.from_pretrained(checkpoint.root)
 
     still = rng.standard_normal((16, 1, 4, 4)).astype(np.float32)  # one latent frame -> one 32x32 frame -> png
     info = run(vae.call("decode", still, str(tmp_path / "still.png"), 16, {"job_id": "still"}))

@@ -226,9 +226,9 @@ def test_attention_seam_sees_text_first_joint_sequences(dev: FluxTransformer) ->
 
     seen = []
 
-    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        seen.append(q.shape)
-        return sdpa_attention(q, k, v)
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta) -> torch.Tensor:  # noqa: ANN001
+        seen.append((meta.layer, meta.kind, meta.text_len, q.shape))
+        return sdpa_attention(q, k, v, meta)
 
     latents, context, pooled = inputs(TINY_DEV)
     expected = dev(latents, T, context, pooled, 3.5)
@@ -237,7 +237,8 @@ def test_attention_seam_sees_text_first_joint_sequences(dev: FluxTransformer) ->
         assert torch.equal(dev(latents, T, context, pooled, 3.5), expected)
     finally:
         dev.set_attention(sdpa_attention)
-    assert seen == [(2, TEXT_LEN + 6, 2, 32)] * 4  # (B, L + N, H, D), every block
+    # every block, double then single: joint attention over (B, L + N, H, D), text rows first
+    assert seen == [(layer, "joint", TEXT_LEN, (2, TEXT_LEN + 6, 2, 32)) for layer in range(4)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.attention import sdpa_attention
+from models.attention import AttentionMeta, sdpa_attention
 from models.loading import CheckpointError, meta_device
 from models.wan.config import PRESETS, WanDiTConfig
 from models.random_init import randomize_parameters
@@ -305,11 +305,11 @@ def test_block_protocol_leaves_its_input_alone(tiny: WanTransformer) -> None:
 
 @torch.no_grad()
 def test_self_attention_goes_through_the_seam(tiny: WanTransformer) -> None:
-    calls: list[tuple[int, ...]] = []
+    calls: list[tuple] = []
 
-    def recording(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        calls.append(tuple(q.shape))
-        return sdpa_attention(q, k, v)
+    def recording(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+        calls.append((meta.layer, meta.kind, tuple(q.shape), k.shape[1]))
+        return sdpa_attention(q, k, v, meta)
 
     x, prompts, _ = inputs(TINY)
     t = torch.tensor([10, 20])
@@ -320,7 +320,11 @@ def test_self_attention_goes_through_the_seam(tiny: WanTransformer) -> None:
         assert torch.equal(tiny(x, t, prompts), expected)
     finally:
         tiny.set_attention(original)
-    assert calls == [(2, 3 * 4 * 6, 2, 32)] * TINY.num_layers  # (B, L, H, D), self-attention only
+    # Per block: self-attention over the video tokens, then cross-attention to the text_len text rows.
+    tokens = 3 * 4 * 6
+    assert calls == [call for layer in range(TINY.num_layers)
+                     for call in ((layer, "self", (2, tokens, 2, 32), tokens),
+                                  (layer, "cross", (2, tokens, 2, 32), TINY.text_len))]
 
 
 def test_autograd_path_matches_inference_path(tiny: WanTransformer) -> None:
