@@ -16,6 +16,7 @@ from models.family import ModelDescription
 
 FAMILIES: dict[str, str] = {
     "wan": "models.wan.family",
+    "flux": "models.flux.family",
 }
 """family name -> the module that recognises and describes its checkpoints."""
 

@@ -114,15 +114,15 @@ def test_dit_rank_never_imports_transformers() -> None:
 
         import parallel.dit, parallel.attention  # the context-parallel path of multi-rank groups
         from actors.dit_group import DiTRankActor
-        from actors.stage_actors import resolve_checkpoint
-        from models.wan import family as wan_family
+        from actors.stage_actors import resolve_model_folder
+        from models.registry import describe
         from stages.params import GenerationParams
 
         rank = DiTRankActor(0, 1, "wan-tiny-shapes", "fp32", "cpu")
-        preset = resolve_checkpoint("wan-tiny-shapes").preset
+        model = describe(resolve_model_folder("wan-tiny-shapes"))
         params = GenerationParams(prompt="x", height=32, width=32, num_frames=5, num_inference_steps=2, seed=0)
-        resolved = params.resolve(wan_family.description(preset)).model_dump()
-        text = np.zeros((4, preset.dit.text_dim), dtype=np.float32)
+        resolved = params.resolve(model).model_dump()
+        text = {"context": np.zeros((4, 64), dtype=np.float32), "pooled": None, "mask": None}  # the tiny text width
         assert rank.start("j", resolved, text, text) == 2
         assert list(rank.run_steps("j", 2))[-1]["done"]  # a streaming call: early report, then the result
     """, ("transformers",), must_load=("torch",))

@@ -150,6 +150,8 @@ FLUX1_SCHNELL = FluxDiTConfig(guidance_embed=False)
 # this shape infer their config from tensor shapes exactly as the released files do.
 FLUX_TINY = FluxDiTConfig(hidden_size=256, num_heads=2, num_double_blocks=2, num_single_blocks=2, context_dim=64,
                           pooled_dim=32, guidance_embed=True)
+FLUX_TINY_SCHNELL = FluxDiTConfig(hidden_size=256, num_heads=2, num_double_blocks=2, num_single_blocks=2,
+                                  context_dim=64, pooled_dim=32, guidance_embed=False)
 
 PRESETS: dict[str, FluxPreset] = {
     p.name: p
@@ -165,6 +167,12 @@ PRESETS: dict[str, FluxPreset] = {
             "flux-tiny",
             FLUX_TINY,
             defaults=FluxSamplingDefaults(height=64, width=64, num_inference_steps=4, max_sequence_length=32),
+        ),
+        FluxPreset(
+            "flux-tiny-schnell",
+            FLUX_TINY_SCHNELL,
+            defaults=FluxSamplingDefaults(height=64, width=64, num_inference_steps=2, guidance=None,
+                                          max_sequence_length=32, dynamic_shift=False),
         ),
     )
 }

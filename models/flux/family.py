@@ -1,0 +1,96 @@
+"""The FLUX.1 family's entry in the model registry: which folders are FLUX.1 checkpoints, their description,
+and the factories of their text encoders, DiT and VAE.
+
+A FLUX.1 folder is a diffusers release (`model_index.json` naming `FluxPipeline`, with transformer/, vae/,
+text_encoder/ (CLIP-L), text_encoder_2/ (T5-XXL) and their tokenizers) or a BFL release (`flux1-dev.safetensors`
+or `flux1-schnell.safetensors` and `ae.safetensors` at the top, plus the same text-encoder folders, which BFL's
+repositories ship in the diffusers layout). Nothing here imports torch until a factory is called.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from models.errors import CheckpointError
+from models.family import ModelDescription, SamplingDefaults
+from models.flux.checkpoint import ORIGINAL_DIT_FILES, resolve_dit
+from models.flux.config import FLUX_LATENT, FluxPreset, match_preset
+
+if TYPE_CHECKING:
+    import torch
+
+    from models.flux.text_encoder import FluxTextEncoder
+    from models.flux.transformer import FluxTransformer
+    from models.flux.vae import FluxVAE
+
+PIPELINE_CLASS = "FluxPipeline"
+VAE_FILE, VAE_DIR = "ae.safetensors", "vae"
+TEXT_FOLDERS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+
+def recognises(root: Path) -> bool:
+    """A diffusers FLUX.1 pipeline folder, or a folder holding an original FLUX.1 transformer file."""
+    index = root / "model_index.json"
+    if index.is_file():
+        try:
+            return json.loads(index.read_text()).get("_class_name") == PIPELINE_CLASS
+        except (OSError, ValueError):
+            return False
+    return any((root / name).is_file() for name in ORIGINAL_DIT_FILES)
+
+
+def describe(root: Path) -> ModelDescription:
+    """The description of the FLUX.1 checkpoint in `root` (CheckpointError naming what is missing otherwise)."""
+    source = resolve_dit(root)
+    vae = root / VAE_FILE if (root / VAE_FILE).is_file() else root / VAE_DIR
+    if not vae.exists():
+        raise CheckpointError(f"{root}: no FLUX.1 VAE (expected {VAE_FILE} or {VAE_DIR}/)")
+    missing = [name for name in TEXT_FOLDERS if not (root / name).is_dir()]
+    if missing:
+        raise CheckpointError(f"{root}: the FLUX.1 text encoders are missing: {', '.join(m + '/' for m in missing)} "
+                              f"(CLIP-L in text_encoder/ + tokenizer/, T5-XXL in text_encoder_2/ + tokenizer_2/)")
+    components = {"transformer": source.path, "vae": vae, **{name: root / name for name in TEXT_FOLDERS}}
+    return description(match_preset(source.config), root, components)
+
+
+def description(preset: FluxPreset, root: Path = Path("."), components: dict[str, Path] | None = None
+                ) -> ModelDescription:
+    """What a FLUX.1 preset means to the layers above models/ (also for presets without a folder)."""
+    d = preset.defaults
+    distilled = preset.dit.guidance_embed
+    defaults = SamplingDefaults(height=d.height, width=d.width, num_frames=1, num_inference_steps=d.num_inference_steps,
+                                guidance_scale=d.guidance if distilled else 1.0, shift=1.0,
+                                sampler="flowmatch-euler", fps=1)
+    return ModelDescription(
+        family="flux", name=preset.name, root=root, output="image", num_heads=preset.dit.num_heads, num_experts=1,
+        guidance="distilled" if distilled else "none", defaults=defaults, latent=FLUX_LATENT,
+        text_len=d.max_sequence_length, components=dict(components or {}))
+
+
+# ---- factories: what the stages build from a description (torch and transformers load only here) ----
+def load_text_encoder(model: ModelDescription, dtype: "torch.dtype", device: "torch.device | str"
+                      ) -> "FluxTextEncoder":
+    """CLIP-L (pooled vector) and T5-XXL (the sequence, padded to the model's T5 length)."""
+    from models.flux.text_encoder import FluxTextEncoder
+
+    return FluxTextEncoder.from_pretrained(model.root, dtype=dtype, device=device,
+                                           max_sequence_length=model.text_len)
+
+
+def load_denoisers(model: ModelDescription, dtype: "torch.dtype", device: "torch.device | str"
+                   ) -> tuple[list["FluxTransformer"], None]:
+    """The one DiT (FLUX.1 has no experts)."""
+    from models.flux.transformer import FluxTransformer
+
+    return [FluxTransformer.from_pretrained(model.root, dtype=dtype, device=device)], None
+
+
+def load_decoder(model: ModelDescription, device: "torch.device | str") -> "FluxVAE":
+    """The FLUX.1 VAE in fp32."""
+    import torch
+
+    from models.flux.vae import FluxVAE
+
+    return FluxVAE.from_pretrained(model.components.get("vae", model.root), dtype=torch.float32, device=device)
