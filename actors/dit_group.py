@@ -234,7 +234,7 @@ class DiTGroup(RankGroup):
         dit = self.cfg.dit
         try:
             return resolve_layout(self.world_size, described.num_heads, described.guided_by_default, dit.cfg_degree,
-                                  dit.ring_degree, dit.ulysses_degree)
+                                  dit.ring_degree, dit.ulysses_degree, guidance=described.guidance)
         except LayoutError as exc:
             raise StageStartError(STAGE, f"DiT group {self.group_index}: {exc}") from None
 

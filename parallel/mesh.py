@@ -58,12 +58,12 @@ class ParallelLayout:
         return "x".join(parts) or "single"
 
     def validate(self, world_size: int, num_heads: int, guided: bool,
-                 world_label: str = "dit.world_size") -> "ParallelLayout":
+                 world_label: str = "dit.world_size", guidance: str = "cfg") -> "ParallelLayout":
         """Raise LayoutError naming the problem and a valid alternative; returns self when it can run.
 
         world_size: ranks that run one request; num_heads: the model's attention heads; guided: whether
         guidance runs an unconditional branch (guidance_scale != 1); world_label: the setting that fixed
-        world_size, named in the message.
+        world_size, named in the message; guidance: the model's guidance kind ("cfg", "distilled", "none").
         """
         for name, degree in (("cfg_degree", self.cfg_degree), ("ring_degree", self.ring_degree),
                              ("ulysses_degree", self.ulysses_degree)):
@@ -82,6 +82,12 @@ class ParallelLayout:
             raise LayoutError(
                 f"ulysses_degree {self.ulysses_degree} does not divide the model's {num_heads} attention heads "
                 f"(valid Ulysses degrees: {valid}); use ring_degree for the rest{hint}")
+        if self.cfg_degree == 2 and guidance != "cfg":
+            how = ("is distilled into the model (the scale is an input of its one forward per step)"
+                   if guidance == "distilled" else "is none (one forward per step)")
+            raise LayoutError(
+                f"cfg_degree 2 needs classifier-free guidance, but this model's guidance {how}: there is no "
+                f"second branch to run on the other half of the ranks; use cfg_degree 1{hint}")
         if self.cfg_degree == 2 and not guided:
             raise LayoutError(
                 f"cfg_degree 2 needs classifier-free guidance, but guidance_scale is 1 (no unconditional "
@@ -116,14 +122,14 @@ def auto_layout(world_size: int, num_heads: int, guided: bool, max_ulysses: int 
 
 def resolve_layout(world_size: int, num_heads: int, guided: bool, cfg_degree: int | None = None,
                    ring_degree: int | None = None, ulysses_degree: int | None = None,
-                   world_label: str = "dit.world_size") -> ParallelLayout:
+                   world_label: str = "dit.world_size", guidance: str = "cfg") -> ParallelLayout:
     """The layout for the configured degrees, validated: all three None = `auto_layout`, otherwise an
     unset degree is 1. Raises LayoutError with the reason and a valid alternative.
     """
     if cfg_degree is None and ring_degree is None and ulysses_degree is None:
         return auto_layout(world_size, num_heads, guided)
     layout = ParallelLayout(cfg_degree or 1, ring_degree or 1, ulysses_degree or 1)
-    return layout.validate(world_size, num_heads, guided, world_label)
+    return layout.validate(world_size, num_heads, guided, world_label, guidance)
 
 
 @dataclass

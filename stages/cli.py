@@ -49,18 +49,23 @@ PARAM_FLAGS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smartdiff", description="Smart-Diffusion: Wan text-to-video inference.")
+    parser = argparse.ArgumentParser(prog="smartdiff", description="Smart-Diffusion: text-to-video and text-to-image "
+                                                                 "inference with diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate one video (or image with --frames 1) in this process")
+    gen = sub.add_parser("generate", help="generate one video or image (an image model, or --frames 1) in this "
+                                          "process")
     gen.add_argument("--model", default=None,
-                     help="checkpoint folder (original Wan or diffusers layout); default: the embedded tiny model")
+                     help="checkpoint folder (Wan or FLUX.1, original or diffusers layout); default: the embedded "
+                          "tiny Wan model")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt", default=None, help="default: Wan's default negative prompt")
+    gen.add_argument("--negative-prompt", default=None,
+                     help="models with classifier-free guidance (Wan); default: the model's own")
     gen.add_argument("--height", type=int, help="pixels, multiple of 16 (default: the model's)")
     gen.add_argument("--width", type=int, help="pixels, multiple of 16 (default: the model's)")
     gen.add_argument("--frames", type=int, help="4n+1 frames; 1 writes a .png (default: the model's)")
     gen.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale; 1 disables it")
+    gen.add_argument("--guidance", type=float, help="guidance scale: classifier-free (Wan; 1 disables it) or "
+                                                    "distilled (FLUX.1-dev)")
     gen.add_argument("--guidance-2", type=float, help="Wan2.2 A14B: guidance of the low-noise expert")
     gen.add_argument("--shift", type=float, help="flow-matching timestep shift")
     gen.add_argument("--sampler", choices=SAMPLER_NAMES, help="default: the model's (unipc)")
@@ -113,7 +118,7 @@ def generate(args: argparse.Namespace) -> int:
         if args.world_size < 1:
             raise LayoutError(f"--world-size must be at least 1, got {args.world_size}")
         layout = resolve_layout(args.world_size, model.num_heads, resolved.guided, *degrees,
-                                world_label="--world-size")
+                                world_label="--world-size", guidance=model.guidance)
     except LayoutError as exc:
         print(f"smartdiff: invalid parallel layout: {exc}", file=sys.stderr)
         return 2
