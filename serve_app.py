@@ -417,6 +417,8 @@ class Readiness(BaseModel):
 
 _RETRY = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
 _WHY = {
+    400: ("The served model generates images, not videos (code image_model): use POST /v1/images/generations.",
+          None),
     401: ("A missing or unknown API key (only when the service has keys).",
           {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}),
     404: ("No such job or cursor (ids look like video_<32 hex> or img_<32 hex>), or the model is not served "
@@ -642,7 +644,8 @@ class VideoService:
         auth = (401,) if self.keys else ()
         body = self._body_doc
         guarded("/v1/videos", self.create_video, methods=["POST"], tags=["videos"], summary="Create a video job",
-                responses=_responses(*auth, 404, 413, 415, 422, 429, 503, ok=Video, description="The queued job."),
+                responses=_responses(*auth, 400, 404, 413, 415, 422, 429, 503, ok=Video,
+                                     description="The queued job."),
                 openapi_extra=body("VideoCreateRequest", forms=True))
         guarded("/v1/videos", self.list_videos, methods=["GET"], tags=["videos"], summary="List jobs, newest first",
                 responses=_responses(*auth, 404, 422, ok=VideoList))
@@ -723,6 +726,9 @@ class VideoService:
     async def create_video(self, request: Request) -> JSONResponse:
         """Queue a video job. Body: JSON or form; OpenAI's fields (prompt, model, size, seconds) plus any
         request parameter (the openai client sends those as `extra_body`)."""
+        if self.engine.model.output == "image":
+            raise ApiError(400, f"model {self.model_name!r} generates images, not videos: use POST "
+                                f"/v1/images/generations", param="model", code="image_model")
         _, record = await self._accept(request, image=False)
         return JSONResponse(video_object(record, self.model_name))
 
