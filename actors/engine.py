@@ -37,8 +37,7 @@ from actors.resources import ClusterResources, check_fits, fit_to_cluster, place
 from actors.scheduler import QueueFull, StageScheduler
 from actors.stage_actors import ConditioningArrays, TextEncoderActor, VAEDecoderActor
 from actors.vae_group import VAEGroup
-from models.registry import describe
-from models.wan.default_model import resolve_model_path
+from models.registry import describe, resolve_model_path
 from stages.media import output_suffix
 from stages.params import GenerationParams, ResolvedParams
 

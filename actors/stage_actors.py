@@ -55,7 +55,7 @@ def resolve_model_folder(model: str | None) -> Path:
         path = Path(model).expanduser()
         if path.is_dir():
             return path
-    from models.wan.default_model import resolve_model_path
+    from models.registry import resolve_model_path
 
     return resolve_model_path(model)
 

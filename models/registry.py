@@ -29,6 +29,17 @@ def family_module(name: str) -> ModuleType:
         raise ValueError(f"unknown model family {name!r}; the families are {', '.join(FAMILIES)}") from None
 
 
+def resolve_model_path(path_or_name: str | Path | None) -> Path:
+    """The checkpoint folder of a path, or of a bundled model's name (None: the embedded default model).
+
+    The bundled models are Wan's (the embedded `wan-tiny-shapes`, and `wan-tiny` with random weights);
+    layers above models/ ask here, so no stage, actor or service module names a family.
+    """
+    from models.wan.default_model import resolve_model_path as resolve_bundled
+
+    return resolve_bundled(path_or_name)
+
+
 def describe(path: str | Path) -> ModelDescription:
     """The description of the checkpoint in folder `path`, from the first family that recognises it."""
     root = Path(path).expanduser().resolve()

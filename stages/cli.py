@@ -93,8 +93,7 @@ def peak_memory_mb(device: str) -> dict[str, float]:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from models.registry import describe  # heavy imports only once the arguments are known
-    from models.wan.default_model import resolve_model_path
+    from models.registry import describe, resolve_model_path  # heavy imports only once the arguments are known
 
     fields = {PARAM_FLAGS[k]: v for k, v in vars(args).items() if k in PARAM_FLAGS and v is not None}
     try:

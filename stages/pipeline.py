@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from models.family import ModelDescription
-from models.registry import describe
+from models.registry import describe, resolve_model_path
 from parallel.mesh import ParallelMesh
 from stages.decode import DecodeStage
 from stages.denoise import DenoiseStage, ProgressFn
@@ -58,8 +58,6 @@ class Pipeline:
     def from_pretrained(cls, path_or_preset: str | Path | None = None, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", mesh: ParallelMesh | None = None) -> "Pipeline":
         """A checkpoint folder (original or diffusers layout), or None / a bundled model's name."""
-        from models.wan.default_model import resolve_model_path
-
         root = resolve_model_path(path_or_preset)
         model = describe(root)
         dtype = dtype or default_dtype(device)
