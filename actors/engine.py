@@ -191,9 +191,13 @@ class StageEngine:
             params = GenerationParams.model_validate(params)
         return params.resolve(self.model)
 
-    async def submit(self, params: GenerationParams | Mapping[str, Any], *, priority: int = 0, kind: str = "video",
+    async def submit(self, params: GenerationParams | Mapping[str, Any], *, priority: int = 0, kind: str | None = None,
                      key: str | None = None) -> JobRecord:
-        """Accept a job (recorded durably before this returns) or raise QueueFull / ValidationError."""
+        """Accept a job (recorded durably before this returns) or raise QueueFull / ValidationError.
+
+        kind: "video" or "image" (the id's prefix); None = what the model makes.
+        """
+        kind = kind or self.model.output
         resolved = self.resolve(params)
         pending = self.scheduler.pending + self._accepting  # count the submits still writing their record
         if pending >= self.cfg.scheduler.max_pending_jobs:
@@ -211,7 +215,7 @@ class StageEngine:
         return record
 
     async def generate(self, params: GenerationParams | Mapping[str, Any], *, priority: int = 0,
-                       kind: str = "video", timeout_s: float | None = None) -> JobRecord:
+                       kind: str | None = None, timeout_s: float | None = None) -> JobRecord:
         """Submit and wait for the final record."""
         record = await self.submit(params, priority=priority, kind=kind)
         return await self.wait(record.id, timeout_s)
