@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
+from models.flux import tiny
 from models.flux.text_encoder import CLIP_MAX_LENGTH, FluxTextEncoder
 from models.loading import CheckpointError
 from models.random_init import randomize_parameters
@@ -25,7 +25,6 @@ from models.wan.tokenizer import build_word_tokenizer
 diffusers = pytest.importorskip("diffusers")
 
 WORDS = [f"w{i}" for i in range(120)] + ["a", "cat", "on", "the", "moon", ".", ","]
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 ATOL = 1e-6  # measured 0: same classes and ids on both sides
 PROMPTS = ["a cat on the moon .", " ".join(f"w{i % 120}" for i in range(100)), "w7 , w8 unknownword"]
 PROMPTS_2 = ["the moon", "w1 w2 w3", " ".join(f"w{i}" for i in range(90))]
@@ -33,17 +32,7 @@ PROMPTS_2 = ["the moon", "w1 w2 w3", " ".join(f"w{i}" for i in range(90))]
 
 def build_clip_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
     """Word-level, lowercased; BOS/EOS get the two highest ids (as in CLIP-L), EOS pads, 77 tokens max."""
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(WORDS))}
-    vocab[BOS], vocab[EOS] = len(vocab), len(vocab) + 1
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=EOS))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS,
-                                   unk_token=EOS, model_max_length=CLIP_MAX_LENGTH)
-    fast.save_pretrained(str(out_dir))
-    return fast
+    return tiny.build_clip_tokenizer(out_dir, tuple(WORDS))
 
 
 @pytest.fixture(scope="module")
