@@ -102,3 +102,13 @@ def test_a_batch_of_flux_prompts_runs_on_the_engine(ray_cluster: None, flux_mode
     assert rows["moon"]["status"] == "succeeded" and rows["moon"]["result_path"].endswith(".png")
     assert rows["moon"]["id"].startswith("img_")
     assert rows["frames"]["status"] == "failed" and "num_frames" in rows["frames"]["error"]
+
+
+def test_the_python_handle_generates_an_image(service: str) -> None:
+    from ray import serve
+
+    handle = serve.get_app_handle(APP)
+    result = handle.generate.remote({"prompt": PROMPT, "height": 32, "width": 32, "num_inference_steps": 2,
+                                     "seed": 7}).result(timeout_s=300)
+    assert result["status"] == "completed" and result["id"].startswith("img_")
+    assert result["result_path"].endswith(".png") and Path(result["result_path"]).is_file()
