@@ -6,6 +6,7 @@ import json
 import logging
 import math
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -236,3 +237,27 @@ def test_stored_records_without_a_guidance_kind_still_load() -> None:
     restored = ResolvedParams.model_validate(old)
     assert restored.guidance == "cfg" and restored.guided
     assert ResolvedParams.model_validate({**old, "guidance": "distilled"}).guided is False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["distilled", "none"])
+def test_a_tiny_flux_folder_generates_with_its_resolved_params(kind: str,
+                                                              tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Pipeline.from_pretrained on a random tiny FLUX.1 release folder (dev- or schnell-style): a request with
+    only a prompt and a seed resolves to the model's rules and runs to one 64x64 RGB image."""
+    from models.flux.config import FLUX_TINY, FLUX_TINY_SCHNELL
+    from models.flux.tiny import write_random_checkpoint
+    from stages.pipeline import Pipeline
+
+    dit = FLUX_TINY if kind == "distilled" else FLUX_TINY_SCHNELL
+    root = write_random_checkpoint(tmp_path_factory.mktemp(f"flux-{kind}"), dit=dit, layout="diffusers")
+    result = Pipeline.from_pretrained(root).generate({"prompt": "a red circle", "seed": 1})
+    assert result.frames.shape == (1, 64, 64, 3) and result.frames.dtype == np.uint8
+    r = result.params
+    assert (r.guidance, r.sampler, r.num_frames, r.seed, r.negative_prompt, r.guided) == (
+        kind, "flowmatch-euler", 1, 1, "", False)
+    if kind == "distilled":  # flux-tiny: 4 steps, distilled 3.5, dynamic shift at 64x64 = 16 image tokens
+        assert (r.num_inference_steps, r.guidance_scale) == (4, 3.5)
+        assert r.shift == pytest.approx(math.exp(0.5 + (16 - 256) * 0.65 / 3840))
+    else:  # flux-tiny-schnell: 2 steps, no guidance input, shift 1
+        assert (r.num_inference_steps, r.guidance_scale, r.shift) == (2, 1.0, 1.0)
