@@ -220,8 +220,9 @@ class RequestContract:
             number = pydantic.confloat(ge=0, le=self.max_seconds, allow_inf_nan=False)
             fields["seconds"] = (whole | number | None, Field(None, description=(
                 f"Duration: a number of seconds (0 to {self.max_seconds:g}) or, as OpenAI sends it, a string of "
-                f"whole seconds; becomes num_frames = {self.frames.stride or 4}n+1 nearest seconds*{self.fps}+1 "
-                "(the model's fps). Ignored when num_frames is given.")))
+                f"whole seconds; becomes num_frames = {self.frames.stride}n+1 nearest seconds*{self.fps}+1 "
+                "(the model's fps). Ignored when num_frames is given." if self.frames.stride else
+                "Duration: 0 or '0' only, as this model makes single images (one frame).")))
         for field, info in GenerationParams.model_fields.items():
             if self._takes(field, image):  # an image is one frame; other fields depend on the model
                 fields[field] = self._field(field, info, limits.get(field))
