@@ -46,7 +46,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from actors.config import LimitsConfig, ServiceConfig
 from actors.engine import JobNotFound, QueueFull, StageEngine
 from actors.job_store import JobRecord, JobStatus
-from stages.params import FIELD_RULES, GenerationParams
+from models.family import FrameRule, ModelDescription
+from stages.params import GenerationParams, model_rules
 
 logger = logging.getLogger("ray.serve")
 
@@ -145,37 +146,63 @@ class RequestContract:
     """The bodies of POST /v1/videos and POST /v1/images/generations on this service.
 
     One pydantic model per route, built from the request schema (stages/params.py GenerationParams),
-    the operator's limits and the served model, both validates requests (strictly: "32" is not 32)
-    and is the schema /openapi.json publishes, so the documentation cannot promise what the service
-    refuses. Fields a request leaves empty get the model's defaults, capped at the limits.
+    the served model's description (its frame rule, samplers, guidance kind, experts and defaults)
+    and the operator's limits, both validates requests (strictly: "32" is not 32) and is the schema
+    /openapi.json publishes, so the documentation cannot promise what the service refuses: an image
+    model's num_frames is the constant 1, guidance_scale_2 appears only with two experts,
+    negative_prompt only with classifier-free guidance, guidance_scale only when the model takes
+    one, and sampler lists the family's samplers. Fields a request leaves empty get the model's
+    defaults, capped at the limits.
     """
 
-    def __init__(self, limits: LimitsConfig, defaults: Any, model_id: str) -> None:
-        self.limits, self.model_id, self.fps = limits, model_id, int(defaults.fps)
-        self.max_seconds = (limits.max_frames - 1) / self.fps
+    def __init__(self, limits: LimitsConfig, model: ModelDescription, model_id: str) -> None:
+        defaults = model.defaults
+        self.limits, self.model, self.model_id, self.fps = limits, model, model_id, int(defaults.fps)
+        self.frames = FrameRule(model.frames.stride, min(limits.max_frames, model.frames.max_frames))
+        self.max_seconds = (self.frames.max_frames - 1) / self.fps
         self.size_pattern = "^" + "x".join(f"({'|'.join(str(v) for v in range(16, top + 1, 16))})"
                                            for top in (limits.max_width, limits.max_height)) + "$"
         self.defaults = {"width": min(defaults.width, limits.max_width),
                          "height": min(defaults.height, limits.max_height),
-                         "num_frames": min(defaults.num_frames, limits.max_frames),
+                         "num_frames": min(defaults.num_frames, self.frames.max_frames),
                          "num_inference_steps": min(defaults.num_inference_steps, limits.max_steps)}
+        # Shown in the schema, not filled in: resolution fills them from the model (the shift may depend on the size).
+        self.shown_defaults: dict[str, Any] = {"sampler": repr(defaults.sampler), "shift": model.describe_shift()}
+        if model.takes_guidance_scale:
+            self.shown_defaults["guidance_scale"] = f"{defaults.guidance_scale:g}"
+        if model.guidance_scale_2 is not None:
+            self.shown_defaults["guidance_scale_2"] = f"{model.guidance_scale_2:g}"
         limit = "(this service's limit)"
+        frames = (self.frames.describe() if self.frames.stride == 0 else
+                  f"of the form {self.frames.stride}n+1 (1, {1 + self.frames.stride}, {1 + 2 * self.frames.stride}, "
+                  f"...) between 1 and {self.frames.max_frames} {limit}")
         self.rules = {
             "model": f"null or {model_id!r}",
             "size": f"WIDTHxHEIGHT, each a multiple of 16, width at most {limits.max_width} and height at most "
                     f"{limits.max_height}, e.g. '{self.defaults['width']}x{self.defaults['height']}'",
             "seconds": f"a JSON number between 0 and {self.max_seconds:g} {limit}, or a string of whole seconds "
                        f"'0' to '{int(self.max_seconds)}'",
-            **FIELD_RULES,
+            **model_rules(model),
             "height": f"a multiple of 16 between 16 and {limits.max_height} {limit}",
             "width": f"a multiple of 16 between 16 and {limits.max_width} {limit}",
-            "num_frames": f"of the form 4n+1 (1, 5, 9, ...) between 1 and {limits.max_frames} {limit}",
+            "num_frames": frames,
             "num_inference_steps": f"an integer between 1 and {limits.max_steps} {limit}",
             "priority": "an integer between -100 and 100",
             "n": "1", "response_format": "'b64_json' or 'url'",
         }
+        # Why a request field of the schema is absent for this model ("null: <why>" in its rule).
+        self.not_taken = {f: self.rules[f].split(": ", 1)[-1] for f in ("guidance_scale", "guidance_scale_2",
+                                                                          "negative_prompt")
+                          if not self._takes(f, image=False)}
         self.video = self._model("VideoCreateRequest", image=False)
         self.image = self._model("ImageCreateRequest", image=True)
+
+    def _takes(self, field: str, image: bool) -> bool:
+        """Whether the served model has this request field at all (the others are unknown fields here)."""
+        model = self.model
+        return {"num_frames": not image, "guidance_scale": model.takes_guidance_scale,
+                "guidance_scale_2": model.takes_guidance_scale_2,
+                "negative_prompt": model.takes_negative_prompt}.get(field, True)
 
     def _model(self, name: str, image: bool) -> type[BaseModel]:
         limits = {"width": self.limits.max_width, "height": self.limits.max_height,
@@ -193,10 +220,11 @@ class RequestContract:
             number = pydantic.confloat(ge=0, le=self.max_seconds, allow_inf_nan=False)
             fields["seconds"] = (whole | number | None, Field(None, description=(
                 f"Duration: a number of seconds (0 to {self.max_seconds:g}) or, as OpenAI sends it, a string of "
-                f"whole seconds; becomes num_frames = 4n+1 nearest seconds*{self.fps}+1 (the model's fps). "
-                "Ignored when num_frames is given.")))
+                f"whole seconds; becomes num_frames = {self.frames.stride}n+1 nearest seconds*{self.fps}+1 "
+                "(the model's fps). Ignored when num_frames is given." if self.frames.stride else
+                "Duration: 0 or '0' only, as this model makes single images (one frame).")))
         for field, info in GenerationParams.model_fields.items():
-            if not (image and field == "num_frames"):  # an image is one frame
+            if self._takes(field, image):  # an image is one frame; other fields depend on the model
                 fields[field] = self._field(field, info, limits.get(field))
         fields["priority"] = (int, Field(0, ge=-100, le=100, description="Higher runs first; FIFO within a "
                                                                          "priority."))
@@ -209,20 +237,23 @@ class RequestContract:
         return create_model(name, __config__=config, __validators__=checks, **fields)  # type: ignore[call-overload]
 
     def _field(self, name: str, info: FieldInfo, limit: int | None) -> tuple[Any, FieldInfo]:
-        """The request schema's field, with its bound tightened to the operator's limit."""
+        """The request schema's field, narrowed to the served model and with its bound tightened to the limit."""
         bounds = {key: getattr(m, key) for m in info.metadata for key in _BOUND_KEYS
                   if getattr(m, key, None) is not None}
         annotation = info.annotation
         if limit is not None:
             bounds["le"] = limit
-        if name == "num_frames":  # 4n+1 as a list, so the schema says exactly what is accepted
-            frames = tuple(range(1, self.limits.max_frames + 1, 4))
-            annotation, bounds = Literal[frames] | None, {}  # type: ignore[valid-type]
+        if name == "num_frames":  # the model's frame rule as a list, so the schema says exactly what is accepted
+            annotation, bounds = Literal[self.frames.values()] | None, {}  # type: ignore[valid-type]
+        if name == "sampler":  # the family's samplers only
+            annotation = Literal[self.model.samplers] | None  # type: ignore[valid-type]
         if name == "prompt":
             bounds["pattern"] = r"\S"  # not blank
         description = info.description or ""
         if name in self.defaults:
             description += f" Default here: {self.defaults[name]}."
+        elif name in self.shown_defaults:
+            description += f" Default here: {self.shown_defaults[name]}."
         return annotation, Field(info.default, description=description, **bounds)
 
     def parse(self, data: Any, image: bool) -> tuple[BaseModel, GenerationParams]:
@@ -236,7 +267,13 @@ class RequestContract:
                 raise ApiError(404, f"model {_describe(unknown[0].get('input'))} is not served here; this service "
                                f"serves {self.model_id!r} (GET /v1/models), or leave model out", param="model",
                                code="model_not_found") from None
-            raise _refusal_422(exc, {k: self.rules[k] for k in model.model_fields}) from None
+            refusal = _refusal_422(exc, {k: self.rules[k] for k in model.model_fields})
+            for entry in refusal.detail or ():  # a request field this model does not take: say why
+                field = entry["loc"][0] if entry["loc"] else ""
+                if entry["type"] == "extra_forbidden" and field in self.not_taken:
+                    entry["msg"] = f"{field} is not a field of {self.model.name}: {self.not_taken[field]}; leave it out"
+            refusal.message = "; ".join(d["msg"] for d in refusal.detail or ()) or refusal.message
+            raise refusal from None
         fields = {k: v for k, v in body.model_dump(exclude=_OPENAI_ONLY).items() if v is not None}
         size = getattr(body, "size", None)
         if size is not None:
@@ -245,15 +282,24 @@ class RequestContract:
             fields.setdefault("height", height)
         seconds = getattr(body, "seconds", None)
         if seconds is not None and "num_frames" not in fields:
-            fields["num_frames"] = 4 * min(round(float(seconds) * self.fps / 4), (self.limits.max_frames - 1) // 4) + 1
+            step = self.frames.stride or 1  # an image model's only frame count is 1 (max_seconds 0)
+            fields["num_frames"] = step * min(round(float(seconds) * self.fps / step),
+                                              (self.frames.max_frames - 1) // step) + 1
         if image:
             fields["num_frames"] = 1
         for field, value in self.defaults.items():
             fields.setdefault(field, value)
         try:
-            return body, GenerationParams.model_validate(fields)
+            params = GenerationParams.model_validate(fields)
         except pydantic.ValidationError as exc:
             raise _refusal_422(exc) from None
+        try:
+            params.check(self.model)  # the model's own rules; the schema above states most of them already
+        except pydantic.ValidationError as exc:
+            detail = [{"loc": [str(e["loc"][0])], "msg": str(e["msg"]), "type": str(e["type"])} for e in exc.errors()]
+            raise ApiError(422, "; ".join(d["msg"] for d in detail), param=detail[0]["loc"][0], code="invalid_value",
+                           detail=detail) from None
+        return body, params
 
 
 # Form fields arrive as text; these stay text, every other field is parsed as JSON ("32" -> 32).
@@ -598,7 +644,7 @@ class VideoService:
         self.keys = ApiKeys(self.cfg.auth.keys())
         self.engine = StageEngine(self.cfg, metrics=ServeMetrics())
         self.model_name = self.engine.model.name
-        self.contract = RequestContract(self.cfg.limits, self.engine.model.defaults, self.model_name)
+        self.contract = RequestContract(self.cfg.limits, self.engine.model, self.model_name)
         self.output_dir = Path(self.cfg.output_dir).resolve()
         self._retry = {"Retry-After": str(self.cfg.scheduler.retry_after_s)}
         await self.engine.start()

@@ -7,6 +7,7 @@ imports nothing heavy (no torch, no transformers), so the light processes can ho
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Mapping
@@ -18,17 +19,78 @@ scale is an input of one forward (FLUX.1-dev); none: one forward, no scale (FLUX
 
 
 @dataclass(frozen=True)
+class DynamicShift:
+    """A timestep shift that grows with the image: s = exp(mu), mu linear in the image-token count.
+
+    mu runs through (base_seq_len, base_shift) and (max_seq_len, max_shift) and is extrapolated beyond
+    both ends. The defaults are FLUX.1-dev's (0.5 at 256 tokens = 256x256 pixels, 1.15 at 4096 tokens =
+    1024x1024 pixels), as its diffusers pipeline computes them; `mu` uses the same operations in the same
+    order (slope, intercept, then tokens * slope + intercept), so the float result is identical.
+    """
+
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+
+    def mu(self, image_seq_len: int) -> float:
+        m = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
+        b = self.base_shift - m * self.base_seq_len
+        return image_seq_len * m + b
+
+    def shift(self, image_seq_len: int) -> float:
+        """The shift s = exp(mu) for a sequence of `image_seq_len` image tokens."""
+        return math.exp(self.mu(image_seq_len))
+
+    def describe(self) -> str:
+        return (f"exp(mu), mu linear in the image tokens from {self.base_shift:g} at {self.base_seq_len} to "
+                f"{self.max_shift:g} at {self.max_seq_len} tokens (one token per 16x16 pixels)")
+
+
+@dataclass(frozen=True)
 class SamplingDefaults:
-    """What a request gets for every field it leaves empty (user params, per model)."""
+    """What a request gets for every field it leaves empty (user params, per model).
+
+    The class defaults are Wan2.1's. guidance_scale: the CFG scale, or the distilled scale of a
+    guidance-distilled model; None for a model that takes no scale (FLUX.1-schnell). shift: a fixed
+    timestep shift, or a `DynamicShift` computed from each request's size (FLUX.1-dev). sampler: the
+    default among the family's samplers. fps: frame rate of the output video (1 for an image model).
+    """
 
     height: int = 480
     width: int = 832
     num_frames: int = 81
     num_inference_steps: int = 50
-    guidance_scale: float = 5.0
-    shift: float = 5.0
+    guidance_scale: float | None = 5.0
+    shift: float | DynamicShift = 5.0
     sampler: str = "unipc"
     fps: int = 16
+
+
+@dataclass(frozen=True)
+class FrameRule:
+    """Which num_frames a model takes: stride * n + 1 up to max_frames for a video model, 1 for an image model
+    (stride 0)."""
+
+    stride: int
+    max_frames: int
+
+    def allows(self, num_frames: int) -> bool:
+        if self.stride == 0:
+            return num_frames == 1
+        return 1 <= num_frames <= self.max_frames and (num_frames - 1) % self.stride == 0
+
+    def values(self) -> tuple[int, ...]:
+        """Every allowed value, ascending."""
+        return (1,) if self.stride == 0 else tuple(range(1, self.max_frames + 1, self.stride))
+
+    def describe(self) -> str:
+        """The rule in words, e.g. "of the form 4n+1 (1, 5, 9, ..., 81, ...) between 1 and 257"."""
+        if self.stride == 0:
+            return "1 (the model makes single images)"
+        s = self.stride
+        return (f"of the form {s}n+1 (1, {1 + s}, {1 + 2 * s}, ..., {1 + 20 * s}, ...) between 1 and "
+                f"{self.max_frames}")
 
 
 @dataclass(frozen=True)
@@ -67,15 +129,17 @@ class LatentGeometry:
 
 @dataclass(frozen=True)
 class ModelDescription:
-    """One served model, as the layers above `models/` see it.
+    """One served model, as the layers above `models/` see it; the request schema's per-model rules come from it.
 
     family: the registry key ("wan"); name: the preset it matches ("wan2.1-t2v-1.3b", "custom");
     root: the checkpoint folder; output: video or image; num_heads: attention heads of the DiT (the
     Ulysses degree must divide them); num_experts: DiTs that share the denoising (Wan2.2 A14B: 2);
-    guidance: how the model is guided; defaults: per-request defaults; guidance_scale_2: the second
-    expert's default guidance (None with one expert: no such request field); negative_prompt: what
-    an empty negative prompt means; text_len: text tokens the DiT takes; components: where each
-    part's weights live (for logs and diagnostics).
+    guidance: how the model is guided; defaults: per-request defaults; text_len: text tokens the DiT
+    takes; samplers: the sampler names the family offers (defaults.sampler is one of them);
+    max_frames: the most frames a request may ask for (1 for an image model; the frame stride comes
+    from `latent`); guidance_scale_2: the second expert's default guidance (None with one expert: no
+    such request field); negative_prompt: what an empty negative prompt means (cfg models only);
+    components: where each part's weights live (for logs and diagnostics).
     """
 
     family: str
@@ -88,9 +152,57 @@ class ModelDescription:
     defaults: SamplingDefaults
     latent: LatentGeometry
     text_len: int
+    samplers: tuple[str, ...]
+    max_frames: int = 1
     guidance_scale_2: float | None = None
     negative_prompt: str = ""
     components: Mapping[str, Path] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.defaults.sampler not in self.samplers:
+            raise ValueError(f"{self.name}: default sampler {self.defaults.sampler!r} is not one of the family's "
+                             f"samplers {self.samplers}")
+        if not self.frames.allows(self.defaults.num_frames):
+            raise ValueError(f"{self.name}: default num_frames {self.defaults.num_frames} breaks the frame rule "
+                             f"({self.frames.describe()})")
+        if (self.defaults.guidance_scale is None) != (self.guidance == "none"):
+            raise ValueError(f"{self.name}: a default guidance_scale is needed exactly when the guidance kind is "
+                             f"not 'none' (got {self.defaults.guidance_scale!r} with {self.guidance!r})")
+        if self.guidance_scale_2 is not None and (self.num_experts != 2 or self.guidance != "cfg"):
+            raise ValueError(f"{self.name}: guidance_scale_2 is the second CFG expert's; this model has "
+                             f"{self.num_experts} expert(s) and {self.guidance!r} guidance")
+
+    @property
+    def frames(self) -> FrameRule:
+        """Which num_frames a request may ask for."""
+        return FrameRule(self.latent.temporal_stride, self.max_frames if self.latent.is_video else 1)
+
+    @property
+    def takes_guidance_scale(self) -> bool:
+        """False for a model with no guidance input at all (FLUX.1-schnell)."""
+        return self.guidance != "none"
+
+    @property
+    def takes_guidance_scale_2(self) -> bool:
+        """Only two-expert CFG models have a second expert's scale."""
+        return self.guidance_scale_2 is not None
+
+    @property
+    def takes_negative_prompt(self) -> bool:
+        """Only a true-CFG model runs a negative branch."""
+        return self.guidance == "cfg"
+
+    def shift_for(self, num_frames: int, height: int, width: int) -> float:
+        """The default timestep shift of a request of this size (a fixed number, or the dynamic rule's value)."""
+        rule = self.defaults.shift
+        if isinstance(rule, DynamicShift):
+            return rule.shift(self.latent.tokens(num_frames, height, width))
+        return float(rule)
+
+    def describe_shift(self) -> str:
+        """The default shift in words (for the request schema's documentation and errors)."""
+        rule = self.defaults.shift
+        return rule.describe() if isinstance(rule, DynamicShift) else f"{rule:g}"
 
     @property
     def guided_by_default(self) -> bool:

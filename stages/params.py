@@ -1,13 +1,19 @@
-"""User params: the one request schema, and its resolution against a model's defaults.
+"""User params: the one request schema of every model family, and its resolution against a model.
 
 `GenerationParams` is what an end user may set (docs/design.md, "Three kinds of parameters").
-Every field is optional except the prompt; an empty field means "this model's default", which
-`resolve` fills in from the preset's `SamplingDefaults`, drawing a seed when none was given, so
-the resolved record reproduces the run.
+Every field is optional except the prompt; an empty field means "this model's default". Its own
+bounds hold for every model; `resolve(model)` then applies the served model's rules, read from
+its torch-free `ModelDescription` (`model_rules`): the frame rule (4n+1 for Wan, 1 for an image
+model), the family's samplers, which guidance fields the model takes (a negative prompt only
+with classifier-free guidance, a guidance scale not at all for FLUX.1-schnell, guidance_scale_2
+only with two experts), and fills every empty field from the model's `SamplingDefaults`
+(a fixed shift, or FLUX.1-dev's resolution-dependent one), drawing a seed when none was given,
+so the resolved record reproduces the run.
 
 Validation errors are written for people: each entry of `ValidationError.errors()` keeps the
 field in `loc` and says in `msg` what the field must be and what was sent, e.g.
-"height must be a multiple of 16 between 16 and 2048, got 100". The HTTP API returns them as
+"height must be a multiple of 16 between 16 and 2048, got 100" or, from `resolve`,
+"num_frames must be 1 (the model makes single images), got 5". The HTTP API returns them as
 422 details, the CLI prints `format_validation_error(exc)`.
 """
 
@@ -28,7 +34,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from models.family import ModelDescription
+from models.family import GuidanceKind, ModelDescription
 from stages.sampler_names import SAMPLER_NAMES, SamplerName
 
 logger = logging.getLogger(__name__)
@@ -37,7 +43,7 @@ logger = logging.getLogger(__name__)
 MAX_PROMPT_CHARS = 2000
 # Pixels: the VAE downsamples 8x and the DiT patches 2x2, so sizes step by 16.
 SIZE_STEP, MIN_SIZE, MAX_SIZE = 16, 16, 2048
-# Frames: the VAE keeps the first frame and packs every further 4 into one latent frame.
+# Frames: the most any model takes; each model narrows it (Wan: 4n+1, an image model: 1).
 MAX_FRAMES = 257
 MAX_STEPS = 200
 MAX_GUIDANCE = 30.0
@@ -47,10 +53,11 @@ MAX_SEED = 2**63 - 1
 # What each field must be, in words; every error message is built from these.
 FIELD_RULES: dict[str, str] = {
     "prompt": f"a non-blank string of at most {MAX_PROMPT_CHARS} characters",
-    "negative_prompt": f"a string of at most {MAX_PROMPT_CHARS} characters, or null/empty for Wan's default",
+    "negative_prompt": f"a string of at most {MAX_PROMPT_CHARS} characters, or null/empty for the model's default",
     "height": f"a multiple of {SIZE_STEP} between {MIN_SIZE} and {MAX_SIZE}",
     "width": f"a multiple of {SIZE_STEP} between {MIN_SIZE} and {MAX_SIZE}",
-    "num_frames": f"of the form 4n+1 (1, 5, 9, ..., 81, ...) between 1 and {MAX_FRAMES}",
+    "num_frames": f"1 for an image model, or a frame count the video model allows (Wan: 4n+1), between 1 and "
+                  f"{MAX_FRAMES}",
     "num_inference_steps": f"an integer between 1 and {MAX_STEPS}",
     "guidance_scale": f"a number between 0 and {MAX_GUIDANCE:g}",
     "guidance_scale_2": f"a number between 0 and {MAX_GUIDANCE:g}",
@@ -100,39 +107,43 @@ class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS,
-                        description="What the video should show.")
+                        description="What the video or image should show.")
     negative_prompt: str | None = Field(
         None, max_length=MAX_PROMPT_CHARS,
-        description="What the video should avoid (steers classifier-free guidance). Null or empty uses Wan's "
+        description="What the output should avoid (the negative branch of classifier-free guidance); only for "
+                    "models with true CFG (Wan), refused by the others (FLUX.1). Null or empty uses the model's "
                     "default negative prompt.")
     height: int | None = Field(None, ge=MIN_SIZE, le=MAX_SIZE, multiple_of=SIZE_STEP,
-                               description="Frame height in pixels. Null: the model's default (e.g. 480).")
+                               description="Height in pixels. Null: the model's default (e.g. 480 for Wan).")
     width: int | None = Field(None, ge=MIN_SIZE, le=MAX_SIZE, multiple_of=SIZE_STEP,
-                              description="Frame width in pixels. Null: the model's default (e.g. 832).")
+                              description="Width in pixels. Null: the model's default (e.g. 832 for Wan).")
     num_frames: int | None = Field(None, ge=1, le=MAX_FRAMES,
-                                   description="Number of video frames, 4n+1 (81 = 5 s at 16 fps). "
-                                               "Null: the model's default.")
+                                   description="Number of frames: what the model allows, 4n+1 for Wan (81 = 5 s "
+                                               "at 16 fps), 1 for an image model. Null: the model's default.")
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS,
                                             description="Denoising steps; cost grows linearly. "
-                                                        "Null: the model's default (50, or 40 for Wan2.2).")
+                                                        "Null: the model's default (e.g. 50 for Wan2.1).")
     guidance_scale: float | None = Field(
         None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
-        description="Classifier-free guidance scale g in v_u + g (v_c - v_u); 1 disables guidance and halves the "
-                    "cost. For two-expert models (Wan2.2 A14B) it is the high-noise expert's. Null: the model's "
+        description="With classifier-free guidance (Wan) the scale g in v_u + g (v_c - v_u), 1 disabling "
+                    "guidance and halving the cost; for two-expert models (Wan2.2 A14B) the high-noise expert's. "
+                    "With distilled guidance (FLUX.1-dev) the scale fed to the model's guidance input (one "
+                    "forward). Refused by models without a guidance input (FLUX.1-schnell). Null: the model's "
                     "default.")
     guidance_scale_2: float | None = Field(
         None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
-        description="Guidance scale of the low-noise expert of two-expert models (Wan2.2 A14B); ignored by "
-                    "single-expert models. Null: the model's default (3.0 for Wan2.2 A14B).")
+        description="Guidance scale of the low-noise expert of two-expert models (Wan2.2 A14B); ignored (with a "
+                    "warning) by single-expert CFG models, refused by the others. Null: the model's default.")
     shift: float | None = Field(
         None, gt=0.0, le=MAX_SHIFT, allow_inf_nan=False,
         description="Timestep shift s of sigma -> s*sigma/(1+(s-1)*sigma); larger spends more steps at high "
-                    "noise. Null: the model's default (5.0, or 12.0 for Wan2.2).")
+                    "noise. Null: the model's default, fixed (Wan2.1 5.0, Wan2.2 12.0, FLUX.1-schnell 1.0) or "
+                    "from the size (FLUX.1-dev: exp(mu), mu linear in the image tokens).")
     seed: int | None = Field(None, ge=0, le=MAX_SEED,
                              description="Seed of the initial noise. Null: a random seed, recorded in the result.")
     sampler: SamplerName | None = Field(
-        None, description="Flow-matching sampler: 'unipc' (Wan's default), 'dpm++' (Wan's alternative) or "
-                          "'euler'. Null: the model's default.")
+        None, description="Flow-matching sampler, one of the model family's: Wan 'unipc' (default), 'dpm++' or "
+                          "'euler'; FLUX.1 'flowmatch-euler'. Null: the model's default.")
 
     @field_validator(*_NUMERIC_FIELDS, mode="before")
     @classmethod
@@ -149,13 +160,6 @@ class GenerationParams(BaseModel):
             raise ValueError("blank prompt")
         return value
 
-    @field_validator("num_frames")
-    @classmethod
-    def _four_n_plus_one(cls, value: int | None) -> int | None:
-        if value is not None and (value - 1) % 4:
-            raise ValueError("num_frames must be 4n+1")
-        return value
-
     @model_validator(mode="wrap")
     @classmethod
     def _readable_errors(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> "GenerationParams":
@@ -166,48 +170,109 @@ class GenerationParams(BaseModel):
             details = [_readable_error(e) for e in exc.errors()]
             raise ValidationError.from_exception_data(exc.title, details) from None
 
-    def resolve(self, model: ModelDescription) -> ResolvedParams:
-        """Fill every empty field from the model's defaults and draw a seed if none was given.
+    def check(self, model: ModelDescription) -> None:
+        """Raise a ValidationError naming every field this model does not take as given (see `model_rules`)."""
+        rules = model_rules(model)
+        bad: list[str] = []
+        if self.num_frames is not None and not model.frames.allows(self.num_frames):
+            bad.append("num_frames")
+        if self.sampler is not None and self.sampler not in model.samplers:
+            bad.append("sampler")
+        if self.guidance_scale is not None and not model.takes_guidance_scale:
+            bad.append("guidance_scale")
+        if self.guidance_scale_2 is not None and not model.takes_guidance_scale_2 and model.guidance != "cfg":
+            bad.append("guidance_scale_2")  # single-expert CFG models ignore it (see resolve)
+        if self.negative_prompt and not model.takes_negative_prompt:
+            bad.append("negative_prompt")
+        if bad:
+            details = [InitErrorDetails(
+                type=PydanticCustomError("invalid_" + f, "{field} must be {rule}, got {got}",
+                                         {"field": f, "rule": rules[f], "got": _describe(getattr(self, f))}),
+                loc=(f,), input=getattr(self, f)) for f in bad]
+            raise ValidationError.from_exception_data(type(self).__name__, details)
 
-        The second expert's guidance (model.guidance_scale_2) exists only for two-expert models; for the
-        others the resolved guidance_scale_2 equals guidance_scale. An empty negative prompt becomes the
-        model's own (Wan's default negative prompt; its tiny model trains its unconditional branch on it).
+    def resolve(self, model: ModelDescription) -> ResolvedParams:
+        """Check the request against the model (`check`), fill every empty field from its defaults and draw a
+        seed if none was given.
+
+        guidance_scale is the CFG scale for a "cfg" model, the distilled scale for a "distilled" one and
+        recorded as 1.0 for a "none" model (no scale runs). The second expert's guidance exists only for
+        two-expert models; for the others the resolved guidance_scale_2 equals guidance_scale (a single-
+        expert CFG model ignores a given one with a warning, as before; other models refuse it). An empty
+        negative prompt becomes the model's own (Wan's default negative prompt; its tiny model trains its
+        unconditional branch on it); models without CFG record "". A null shift becomes the model's rule
+        evaluated at the request's size.
         """
-        defaults, guidance_scale_2_default = model.defaults, model.guidance_scale_2
-        guidance = self.guidance_scale if self.guidance_scale is not None else defaults.guidance_scale
-        if guidance_scale_2_default is None:
+        self.check(model)
+        defaults = model.defaults
+        height = self.height if self.height is not None else defaults.height
+        width = self.width if self.width is not None else defaults.width
+        num_frames = self.num_frames if self.num_frames is not None else defaults.num_frames
+        if self.guidance_scale is not None:
+            guidance = self.guidance_scale
+        else:  # None only for a model without a guidance input (ModelDescription checks it): nothing runs
+            guidance = 1.0 if defaults.guidance_scale is None else defaults.guidance_scale
+        if model.guidance_scale_2 is None:
             if self.guidance_scale_2 is not None:
                 logger.warning("guidance_scale_2=%s ignored: the model has a single expert", self.guidance_scale_2)
             guidance_2 = guidance
         else:
-            guidance_2 = self.guidance_scale_2 if self.guidance_scale_2 is not None else guidance_scale_2_default
-        sampler = self.sampler if self.sampler is not None else defaults.sampler
-        if sampler not in SAMPLER_NAMES:
-            raise ValueError(f"model default sampler {sampler!r} is not one of {', '.join(SAMPLER_NAMES)}")
+            guidance_2 = self.guidance_scale_2 if self.guidance_scale_2 is not None else model.guidance_scale_2
+        shift = self.shift if self.shift is not None else model.shift_for(num_frames, height, width)
+        negative = (self.negative_prompt or model.negative_prompt) if model.takes_negative_prompt else ""
         seed = self.seed if self.seed is not None else secrets.randbelow(MAX_SEED + 1)
         return ResolvedParams(
             prompt=self.prompt,
-            negative_prompt=self.negative_prompt or model.negative_prompt,
-            height=self.height if self.height is not None else defaults.height,
-            width=self.width if self.width is not None else defaults.width,
-            num_frames=self.num_frames if self.num_frames is not None else defaults.num_frames,
+            negative_prompt=negative,
+            height=height,
+            width=width,
+            num_frames=num_frames,
             num_inference_steps=(self.num_inference_steps if self.num_inference_steps is not None
                                  else defaults.num_inference_steps),
+            guidance=model.guidance,
             guidance_scale=float(guidance),
             guidance_scale_2=float(guidance_2),
-            shift=float(self.shift if self.shift is not None else defaults.shift),
+            shift=float(shift),
             seed=seed,
-            sampler=sampler,  # type: ignore[arg-type]  # checked against SAMPLER_NAMES above
+            sampler=self.sampler if self.sampler is not None else defaults.sampler,  # type: ignore[arg-type]
             fps=defaults.fps,
         )
+
+
+def model_rules(model: ModelDescription) -> dict[str, str]:
+    """What each request field must be for this model, in words: FIELD_RULES narrowed by its description.
+
+    These texts are what `GenerationParams.check` reports and what the HTTP contract publishes.
+    """
+    rules = dict(FIELD_RULES)
+    rules["num_frames"] = model.frames.describe()
+    rules["sampler"] = (f"one of {', '.join(repr(n) for n in model.samplers)} (the samplers of {model.name}), "
+                        f"or null for {model.defaults.sampler!r}")
+    rules["shift"] = (f"a number greater than 0 and at most {MAX_SHIFT:g}, or null for {model.name}'s default "
+                      f"({model.describe_shift()})")
+    if model.guidance == "none":
+        rules["guidance_scale"] = (f"null: {model.name} takes no guidance scale (one forward per step, no "
+                                   f"guidance input)")
+    elif model.guidance == "distilled":
+        rules["guidance_scale"] = (f"a number between 0 and {MAX_GUIDANCE:g}, the distilled guidance {model.name} "
+                                   f"takes as an input of its one forward per step")
+    if not model.takes_guidance_scale_2:
+        rules["guidance_scale_2"] = f"null: {model.name} has a single expert"
+    if not model.takes_negative_prompt:
+        rules["negative_prompt"] = (f"null or empty: {model.name} runs no negative branch (its guidance is "
+                                    f"{model.guidance!r}, not classifier-free)")
+    return rules
 
 
 class ResolvedParams(BaseModel):
     """A request with every field filled: what the stages run and what the result records.
 
-    negative_prompt is the effective one (Wan's default when the user left it empty);
-    guidance_scale_2 equals guidance_scale for single-expert models; fps is the model's
-    output frame rate (not a user param, recorded so the video file and metadata agree).
+    negative_prompt is the effective one (the model's default when the user left it empty, "" for
+    a model without CFG); guidance is the model's guidance kind ("cfg" for records written before
+    it existed); guidance_scale is the CFG or distilled scale (1.0 with guidance "none");
+    guidance_scale_2 equals guidance_scale for single-expert models; shift is the value that ran
+    (a dynamic rule evaluated at height x width); fps is the model's output frame rate (not a user
+    param, recorded so the video file and metadata agree).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -218,6 +283,7 @@ class ResolvedParams(BaseModel):
     width: int
     num_frames: int
     num_inference_steps: int
+    guidance: GuidanceKind = "cfg"
     guidance_scale: float
     guidance_scale_2: float
     shift: float
@@ -227,8 +293,9 @@ class ResolvedParams(BaseModel):
 
     @property
     def guided(self) -> bool:
-        """Whether classifier-free guidance runs (guidance 1 is exactly the conditional branch alone)."""
-        return self.guidance_scale != 1.0 or self.guidance_scale_2 != 1.0
+        """Whether two CFG branches run: a "cfg" model with a scale other than 1 (1 is exactly the
+        conditional branch alone); distilled and unguided models always run one."""
+        return self.guidance == "cfg" and (self.guidance_scale != 1.0 or self.guidance_scale_2 != 1.0)
 
 
 def format_validation_error(exc: ValidationError) -> str:

@@ -2,7 +2,8 @@
 
 The DiT predicts a velocity v = dx/dsigma along x_sigma = (1 - sigma) * x0 + sigma * noise, so
 x0 = x - sigma * v. A sampler owns the sigma schedule, the timesteps the DiT sees, and
-the update rule. Four are implemented; the first three are offered to requests (SAMPLER_NAMES):
+the update rule. Four are implemented (SAMPLER_NAMES); each family offers its own (Wan: the first
+three, FLUX.1: the last; `ModelDescription.samplers`):
 
 - "unipc" (default): Wan's `FlowUniPCMultistepScheduler`, a flow copy of diffusers 0.31 UniPC
   (order 2, predict-x0, bh2, lower-order final step, final sigma 0) on Wan's own schedule
@@ -15,8 +16,8 @@ the update rule. Four are implemented; the first three are offered to requests (
   rule, never the timesteps the DiT (and a Wan2.2 expert switch) sees.
 - "flowmatch-euler": the same Euler update on the FLUX.1 schedule of diffusers'
   `FlowMatchEulerDiscreteScheduler` (linspace(1, 1/N, N), shifted, final 0), whose timesteps are the
-  unrounded float sigma * 1000. Its shift s = exp(mu) grows with the image size (`flux_shift`).
-  It is registered for `make_sampler` but not yet offered to requests (not in SAMPLER_NAMES).
+  unrounded float sigma * 1000. FLUX.1-dev's shift s = exp(mu) grows with the image size (`flux_shift`,
+  i.e. `models.family.DynamicShift`, which the request resolution uses too).
 
 The arithmetic copies the reference op by op: the schedule in float64 numpy, sigmas stored as
 float32, per-step coefficients as 0-d float32 tensors combined in the same order, so on fp32
@@ -29,12 +30,12 @@ shared between instances, so interleaved requests cannot disturb each other.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
+from models.family import DynamicShift
 from stages.sampler_names import DEFAULT_SAMPLER, SAMPLER_NAMES, SamplerName
 
 __all__ = ["DEFAULT_SAMPLER", "SAMPLER_NAMES", "DPMSolverSampler", "EulerSampler", "FlowMatchEulerSampler",
@@ -265,14 +266,11 @@ class EulerSampler(_Sampler):
 # FLUX.1: flow-match Euler with a resolution-dependent shift
 # ---------------------------------------------------------------------------------------------
 
-# The shift's log, mu, is linear in the number of image tokens: 0.5 at 256 tokens (256^2 pixels),
-# 1.15 at 4096 tokens (1024^2 pixels), extrapolated beyond both ends.
-FLUX_BASE_IMAGE_SEQ_LEN = 256
-FLUX_MAX_IMAGE_SEQ_LEN = 4096
-FLUX_BASE_SHIFT = 0.5
-FLUX_MAX_SHIFT = 1.15
 # FLUX's latent is 8x smaller than the image and packed in 2x2 patches: one token per 16x16 pixels.
 FLUX_PIXELS_PER_TOKEN = 16
+# The resolution-dependent shift (mu linear in the image tokens, 0.5 at 256 and 1.15 at 4096); one
+# implementation, torch-free, shared with the request resolution (stages/params.py).
+FLUX_DYNAMIC_SHIFT = DynamicShift()
 
 
 def flux_image_seq_len(height: int, width: int) -> int:
@@ -282,22 +280,14 @@ def flux_image_seq_len(height: int, width: int) -> int:
     return (height // FLUX_PIXELS_PER_TOKEN) * (width // FLUX_PIXELS_PER_TOKEN)
 
 
-def flux_mu(image_seq_len: int, base_seq_len: int = FLUX_BASE_IMAGE_SEQ_LEN,
-            max_seq_len: int = FLUX_MAX_IMAGE_SEQ_LEN, base_shift: float = FLUX_BASE_SHIFT,
-            max_shift: float = FLUX_MAX_SHIFT) -> float:
-    """mu, linear in the image sequence length through (base_seq_len, base_shift) and (max_seq_len, max_shift).
-
-    Written with the same operations as the FLUX pipeline (slope, intercept, then seq * slope + intercept)
-    so the float result is identical.
-    """
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    b = base_shift - m * base_seq_len
-    return image_seq_len * m + b
+def flux_mu(image_seq_len: int) -> float:
+    """FLUX.1-dev's mu at this image sequence length (`DynamicShift.mu`)."""
+    return FLUX_DYNAMIC_SHIFT.mu(image_seq_len)
 
 
-def flux_shift(image_seq_len: int, **mu_kwargs: float) -> float:
+def flux_shift(image_seq_len: int) -> float:
     """The shift s = exp(mu) of `FlowMatchEulerSampler` for FLUX.1-dev at this sequence length (1.0 = none)."""
-    return math.exp(flux_mu(image_seq_len, **mu_kwargs))
+    return FLUX_DYNAMIC_SHIFT.shift(image_seq_len)
 
 
 def flowmatch_sigmas(num_steps: int, shift: float) -> np.ndarray:
@@ -343,12 +333,12 @@ _SAMPLERS: dict[str, Callable[[int, float], FlowSampler]] = {
     "unipc": UniPCSampler,
     "euler": EulerSampler,
     "dpm++": DPMSolverSampler,
-    "flowmatch-euler": FlowMatchEulerSampler,  # FLUX.1; not in SAMPLER_NAMES until a FLUX pipeline exists
+    "flowmatch-euler": FlowMatchEulerSampler,  # FLUX.1
 }
 
 
 def make_sampler(name: str, num_steps: int, shift: float) -> FlowSampler:
-    """A fresh sampler for one request: `name` in SAMPLER_NAMES (or "flowmatch-euler"), N steps, shift s > 0."""
+    """A fresh sampler for one request: `name` in SAMPLER_NAMES, N steps, shift s > 0."""
     try:
         cls = _SAMPLERS[name]
     except KeyError:

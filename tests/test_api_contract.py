@@ -9,6 +9,7 @@ new user reported.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -18,7 +19,10 @@ import httpx
 import pytest
 
 from actors.config import SCHEMA_MAX_FRAMES, SCHEMA_MAX_SIZE, SCHEMA_MAX_STEPS, LimitsConfig, ServiceConfig
-from models.wan.config import SamplingDefaults
+from models.flux.config import get_preset as flux_preset
+from models.flux.family import description as flux_description
+from models.wan.config import SamplingDefaults, get_preset
+from models.wan.family import description
 from tests.serve_helpers import running_service
 from serve_app import ApiError, RequestContract
 from stages import params
@@ -30,7 +34,8 @@ TINY_DEFAULTS = SamplingDefaults(height=64, width=64, num_frames=17, num_inferen
 
 @pytest.fixture(scope="module")
 def contract() -> RequestContract:
-    return RequestContract(LimitsConfig(**TINY_LIMITS), TINY_DEFAULTS, "wan-tiny")
+    return RequestContract(LimitsConfig(**TINY_LIMITS), dataclasses.replace(description(get_preset("wan-tiny")),
+                                                                             defaults=TINY_DEFAULTS), "wan-tiny")
 
 
 def _refusal(contract: RequestContract, body: Any, image: bool = False) -> ApiError:
@@ -58,7 +63,7 @@ def test_bad_seconds_are_422_naming_the_range(contract: RequestContract, seconds
 def test_seconds_become_4n_plus_1_frames(contract: RequestContract) -> None:
     assert contract.parse({"prompt": "x", "seconds": 0.25}, image=False)[1].num_frames == 5
     assert contract.parse({"prompt": "x", "seconds": "0"}, image=False)[1].num_frames == 1
-    big = RequestContract(LimitsConfig(), SamplingDefaults(), "wan2.1-t2v-1.3b")
+    big = RequestContract(LimitsConfig(), description(get_preset("wan2.1-t2v-1.3b")), "wan2.1-t2v-1.3b")
     assert big.parse({"prompt": "x", "seconds": "4"}, image=False)[1].num_frames == 65  # OpenAI's "4" at 16 fps
     assert _refusal(big, {"prompt": "x", "seconds": "17"}).param == "seconds"
 
@@ -90,6 +95,53 @@ def test_types_are_strict(contract: RequestContract) -> None:
         assert _refusal(contract, body).status == 422, body
     assert contract.parse({"prompt": "x", "height": 32.0, "seed": 7.0}, image=False)[1].height == 32
     assert contract.parse({"prompt": "  x"}, image=False)[1].prompt == "  x"  # not blank is not "no spaces"
+
+
+def test_the_published_schema_follows_the_model() -> None:
+    """An image model (FLUX.1-dev): one frame, its sampler only, no negative prompt, no second expert; the
+    request fields it refuses are unknown fields (422 naming them), its defaults are in the descriptions."""
+    dev = RequestContract(LimitsConfig(), flux_description(flux_preset("flux1-dev")), "flux1-dev")
+    for model in (dev.video, dev.image):
+        props = model.model_json_schema()["properties"]
+        assert {"negative_prompt", "guidance_scale_2"}.isdisjoint(props) and "guidance_scale" in props
+        assert props["sampler"]["anyOf"][0] == {"const": "flowmatch-euler", "type": "string"}
+        assert "Default here: flowmatch-euler" not in props["sampler"]["description"]
+        assert "Default here: 'flowmatch-euler'" in props["sampler"]["description"]
+        assert "Default here: 3.5" in props["guidance_scale"]["description"]
+        assert "exp(mu)" in props["shift"]["description"] and "Default here: 1024" in props["width"]["description"]
+    video = dev.video.model_json_schema()["properties"]
+    assert video["num_frames"]["anyOf"][0] == {"const": 1, "type": "integer"}
+    assert "num_frames" not in dev.image.model_json_schema()["properties"]
+    refusal = _refusal(dev, {"prompt": "x", "negative_prompt": "blurry"}, image=True)
+    assert (refusal.status, refusal.param) == (422, "negative_prompt")
+    assert refusal.message == ("negative_prompt is not a field of flux1-dev: flux1-dev runs no negative branch (its "
+                               "guidance is 'distilled', not classifier-free); leave it out")
+    assert _refusal(dev, {"prompt": "x", "num_frames": 5}).param == "num_frames"
+    assert _refusal(dev, {"prompt": "x", "sampler": "unipc"}, image=True).param == "sampler"
+    params_ = dev.parse({"prompt": "x", "seconds": 0}, image=False)[1]
+    assert (params_.num_frames, params_.width, params_.num_inference_steps) == (1, 1024, 28)
+    schnell = RequestContract(LimitsConfig(), flux_description(flux_preset("flux1-schnell")), "flux1-schnell")
+    assert "guidance_scale" not in schnell.image.model_json_schema()["properties"]
+    refusal = _refusal(schnell, {"prompt": "x", "guidance_scale": 3.5}, image=True)
+    assert (refusal.status, refusal.param) == (422, "guidance_scale")
+    # Wan: every Wan sampler, a negative prompt; guidance_scale_2 only with two experts
+    wan = RequestContract(LimitsConfig(), description(get_preset("wan2.1-t2v-1.3b")), "wan2.1-t2v-1.3b")
+    props = wan.video.model_json_schema()["properties"]
+    assert props["sampler"]["anyOf"][0]["enum"] == ["unipc", "dpm++", "euler"] and "negative_prompt" in props
+    assert "guidance_scale_2" not in props
+    a14b = RequestContract(LimitsConfig(), description(get_preset("wan2.2-t2v-a14b")), "wan2.2-t2v-a14b")
+    assert "Default here: 3" in a14b.video.model_json_schema()["properties"]["guidance_scale_2"]["description"]
+
+
+def test_a_per_model_rule_the_schema_cannot_state_is_still_a_422() -> None:
+    """`GenerationParams.check` runs after the schema: its refusals are 422 with the field, never a 5xx."""
+    model = description(get_preset("wan-tiny"))
+    contract = RequestContract(LimitsConfig(**TINY_LIMITS), model, "wan-tiny")
+    contract.model = dataclasses.replace(model, samplers=("unipc",))  # narrower than the published schema
+    refusal = _refusal(contract, {"prompt": "x", "sampler": "euler"})
+    assert (refusal.status, refusal.param, refusal.code) == (422, "sampler", "invalid_value")
+    assert refusal.detail == [{"loc": ["sampler"], "type": "invalid_sampler", "msg": refusal.message}]
+    assert refusal.message.startswith("sampler must be one of 'unipc' (the samplers of wan-tiny)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from models.flux.config import (
     PRESETS,
     FluxDiTConfig,
     FluxPreset,
-    FluxSamplingDefaults,
     get_preset,
     match_preset,
 )
@@ -41,7 +40,6 @@ __all__ = [
     "FluxDiTConfig",
     "FluxDiTSource",
     "FluxPreset",
-    "FluxSamplingDefaults",
     "FluxTextEncoder",
     "FluxTransformer",
     "FluxVAE",

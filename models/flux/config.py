@@ -7,10 +7,11 @@ no torch: the engine reads presets without it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
-from models.family import LatentGeometry
+from models.family import DynamicShift, LatentGeometry, SamplingDefaults
 
 
 @dataclass(frozen=True)
@@ -104,40 +105,31 @@ class FluxDiTConfig:
         }
 
 
-@dataclass(frozen=True)
-class FluxSamplingDefaults:
-    """What a FLUX.1 request gets for every field it leaves empty, as each release recommends.
+FLUX_SAMPLERS: tuple[str, ...] = ("flowmatch-euler",)
+"""FLUX.1 samples with the Euler update on diffusers' FlowMatchEulerDiscreteScheduler schedule (stages/samplers.py)."""
 
-    guidance: the distilled guidance value fed to dev's guidance embedding (None: schnell has no such input;
-    FLUX.1 runs one forward per step, no classifier-free guidance). max_sequence_length: T5 tokens the prompt
-    is padded to (schnell was trained with 256). dynamic_shift: dev shifts the sigma schedule by
-    mu(image tokens), interpolated linearly from base_shift at base_image_seq_len to max_shift at
-    max_image_seq_len; schnell uses the plain linear schedule.
-    """
+FLUX_DEV_DEFAULTS = SamplingDefaults(height=1024, width=1024, num_frames=1, num_inference_steps=28,
+                                     guidance_scale=3.5, shift=DynamicShift(), sampler="flowmatch-euler", fps=1)
+"""FLUX.1-dev's release recommendations: 28 steps, distilled guidance 3.5 (the scale fed to its guidance
+embedding; one forward per step, no classifier-free guidance), the resolution-dependent shift."""
 
-    height: int = 1024
-    width: int = 1024
-    num_inference_steps: int = 28
-    guidance: float | None = 3.5
-    max_sequence_length: int = 512
-    dynamic_shift: bool = True
-    base_shift: float = 0.5
-    max_shift: float = 1.15
-    base_image_seq_len: int = 256
-    max_image_seq_len: int = 4096
+FLUX_SCHNELL_DEFAULTS = dataclasses.replace(FLUX_DEV_DEFAULTS, num_inference_steps=4, guidance_scale=None, shift=1.0)
+"""FLUX.1-schnell's: 4 steps, no guidance input at all, the plain linear schedule (shift 1)."""
 
 
 @dataclass(frozen=True)
 class FluxPreset:
-    """A named FLUX.1 model: its DiT config and its sampling defaults."""
+    """A named FLUX.1 model: its DiT config, its sampling defaults, and max_sequence_length, the T5 tokens the
+    prompt is padded to (dev 512; schnell was trained with 256)."""
 
     name: str
     dit: FluxDiTConfig
-    defaults: FluxSamplingDefaults = field(default_factory=FluxSamplingDefaults)
+    defaults: SamplingDefaults = FLUX_DEV_DEFAULTS
+    max_sequence_length: int = 512
 
     def __post_init__(self) -> None:
-        if self.dit.guidance_embed != (self.defaults.guidance is not None):
-            raise ValueError(f"preset {self.name!r}: a default guidance is needed exactly when the DiT has a "
+        if self.dit.guidance_embed != (self.defaults.guidance_scale is not None):
+            raise ValueError(f"preset {self.name!r}: a default guidance_scale is needed exactly when the DiT has a "
                              f"guidance embedding")
 
 
@@ -157,22 +149,18 @@ PRESETS: dict[str, FluxPreset] = {
     p.name: p
     for p in (
         FluxPreset("flux1-dev", FLUX1_DEV),
-        FluxPreset(
-            "flux1-schnell",
-            FLUX1_SCHNELL,
-            defaults=FluxSamplingDefaults(num_inference_steps=4, guidance=None, max_sequence_length=256,
-                                          dynamic_shift=False),
-        ),
+        FluxPreset("flux1-schnell", FLUX1_SCHNELL, defaults=FLUX_SCHNELL_DEFAULTS, max_sequence_length=256),
         FluxPreset(
             "flux-tiny",
             FLUX_TINY,
-            defaults=FluxSamplingDefaults(height=64, width=64, num_inference_steps=4, max_sequence_length=32),
+            defaults=dataclasses.replace(FLUX_DEV_DEFAULTS, height=64, width=64, num_inference_steps=4),
+            max_sequence_length=32,
         ),
         FluxPreset(
             "flux-tiny-schnell",
             FLUX_TINY_SCHNELL,
-            defaults=FluxSamplingDefaults(height=64, width=64, num_inference_steps=2, guidance=None,
-                                          max_sequence_length=32, dynamic_shift=False),
+            defaults=dataclasses.replace(FLUX_SCHNELL_DEFAULTS, height=64, width=64, num_inference_steps=2),
+            max_sequence_length=32,
         ),
     )
 }
@@ -191,7 +179,7 @@ def match_preset(dit: FluxDiTConfig) -> FluxPreset:
         if preset.dit == dit:
             return preset
     base = PRESETS["flux1-dev" if dit.guidance_embed else "flux1-schnell"]
-    return FluxPreset("custom", dit, defaults=base.defaults)
+    return FluxPreset("custom", dit, defaults=base.defaults, max_sequence_length=base.max_sequence_length)
 
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from models.errors import CheckpointError
-from models.family import ModelDescription, SamplingDefaults
+from models.family import ModelDescription
 from models.flux.checkpoint import ORIGINAL_DIT_FILES, resolve_dit
-from models.flux.config import FLUX_LATENT, FluxPreset, match_preset
+from models.flux.config import FLUX_LATENT, FLUX_SAMPLERS, FluxPreset, match_preset
 
 if TYPE_CHECKING:
     import torch
@@ -57,16 +57,16 @@ def describe(root: Path) -> ModelDescription:
 
 def description(preset: FluxPreset, root: Path = Path("."), components: dict[str, Path] | None = None
                 ) -> ModelDescription:
-    """What a FLUX.1 preset means to the layers above models/ (also for presets without a folder)."""
-    d = preset.defaults
-    distilled = preset.dit.guidance_embed
-    defaults = SamplingDefaults(height=d.height, width=d.width, num_frames=1, num_inference_steps=d.num_inference_steps,
-                                guidance_scale=d.guidance if distilled else 1.0, shift=1.0,
-                                sampler="flowmatch-euler", fps=1)
+    """What a FLUX.1 preset means to the layers above models/ (also for presets without a folder).
+
+    dev's guidance embedding makes its guidance "distilled" (the scale is an input of one forward);
+    schnell has none ("none"). Neither runs a negative branch, so neither takes a negative prompt.
+    """
     return ModelDescription(
         family="flux", name=preset.name, root=root, output="image", num_heads=preset.dit.num_heads, num_experts=1,
-        guidance="distilled" if distilled else "none", defaults=defaults, latent=FLUX_LATENT,
-        text_len=d.max_sequence_length, components=dict(components or {}))
+        guidance="distilled" if preset.dit.guidance_embed else "none", defaults=preset.defaults, latent=FLUX_LATENT,
+        text_len=preset.max_sequence_length, samplers=FLUX_SAMPLERS, max_frames=1,
+        components=dict(components or {}))
 
 
 # ---- factories: what the stages build from a description (torch and transformers load only here) ----

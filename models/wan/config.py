@@ -162,6 +162,11 @@ WAN_DEFAULT_NEGATIVE_PROMPT = (
 # and the DiT's (1, 2, 2) patches: the DiT's token grid follows from them.
 WAN_LATENT = LatentGeometry(channels=16, temporal_stride=4, spatial_stride=8, patch=(1, 2, 2))
 
+# What a Wan request may ask for: 4n+1 frames up to 257 (16 s at 16 fps; the RoPE tables cover far more),
+# and the flow-matching samplers of stages/samplers.py that run on Wan's schedules, the release's default first.
+WAN_MAX_FRAMES = 257
+WAN_SAMPLERS: tuple[str, ...] = ("unipc", "dpm++", "euler")
+
 
 @dataclass(frozen=True)
 class WanPreset:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from models.family import ModelDescription
 from models.wan.checkpoint import ORIGINAL_EXPERT_DIRS, WanCheckpoint
-from models.wan.config import WAN_DEFAULT_NEGATIVE_PROMPT, WAN_LATENT, WanPreset
+from models.wan.config import WAN_DEFAULT_NEGATIVE_PROMPT, WAN_LATENT, WAN_MAX_FRAMES, WAN_SAMPLERS, WanPreset
 
 if TYPE_CHECKING:
     import torch
@@ -51,8 +51,9 @@ def description(preset: WanPreset, root: Path = Path("."), components: Mapping[s
     return ModelDescription(
         family="wan", name=preset.name, root=root, output="video", num_heads=preset.dit.num_heads,
         num_experts=preset.num_experts, guidance="cfg", defaults=preset.defaults, latent=WAN_LATENT,
-        text_len=preset.dit.text_len, guidance_scale_2=preset.guidance_scale_2,
-        negative_prompt=WAN_DEFAULT_NEGATIVE_PROMPT, components=dict(components or {}))
+        text_len=preset.dit.text_len, samplers=WAN_SAMPLERS, max_frames=WAN_MAX_FRAMES,
+        guidance_scale_2=preset.guidance_scale_2, negative_prompt=WAN_DEFAULT_NEGATIVE_PROMPT,
+        components=dict(components or {}))
 
 
 # ---- factories: what the stages build from a description (torch and transformers load only here) ----

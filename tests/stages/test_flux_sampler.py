@@ -104,8 +104,12 @@ def test_euler_integrates_a_straight_flow_exactly() -> None:
     torch.testing.assert_close(x, x0, rtol=0, atol=1e-5)
 
 
-def test_name_is_registered_but_not_offered_to_requests() -> None:
-    assert "flowmatch-euler" not in SAMPLER_NAMES
+def test_name_is_offered_to_requests_and_is_flux_only() -> None:
+    from models.flux.config import FLUX_SAMPLERS
+    from models.wan.config import WAN_SAMPLERS
+
+    assert "flowmatch-euler" in SAMPLER_NAMES and FLUX_SAMPLERS == ("flowmatch-euler",)
+    assert "flowmatch-euler" not in WAN_SAMPLERS
     assert make_sampler("flowmatch-euler", 3, 1.0).name == "flowmatch-euler"
 
 

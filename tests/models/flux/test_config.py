@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from models.family import DynamicShift
 from models.flux.config import FLUX1_DEV, FLUX1_SCHNELL, PRESETS, FluxDiTConfig, get_preset, match_preset
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -28,11 +29,12 @@ def test_presets_carry_the_release_sampling_defaults() -> None:
     dev, schnell = get_preset("flux1-dev"), get_preset("flux1-schnell")
     assert dev.dit == FLUX1_DEV and schnell.dit == FLUX1_SCHNELL
     d, s = dev.defaults, schnell.defaults
-    assert (d.height, d.width, d.num_inference_steps, d.guidance, d.max_sequence_length) == (1024, 1024, 28, 3.5, 512)
-    assert d.dynamic_shift and (d.base_shift, d.max_shift, d.base_image_seq_len, d.max_image_seq_len) == (
-        0.5, 1.15, 256, 4096)
-    assert (s.height, s.width, s.num_inference_steps, s.guidance, s.max_sequence_length) == (1024, 1024, 4, None, 256)
-    assert not s.dynamic_shift
+    assert (d.height, d.width, d.num_inference_steps, d.guidance_scale, dev.max_sequence_length) == (
+        1024, 1024, 28, 3.5, 512)
+    assert d.shift == DynamicShift(base_shift=0.5, max_shift=1.15, base_seq_len=256, max_seq_len=4096)
+    assert (s.height, s.width, s.num_inference_steps, s.guidance_scale, schnell.max_sequence_length) == (
+        1024, 1024, 4, None, 256)
+    assert s.shift == 1.0 and d.sampler == s.sampler == "flowmatch-euler" and d.num_frames == s.num_frames == 1
     tiny = get_preset("flux-tiny")
     assert tiny.dit.head_dim == 128 and tiny.dit.num_double_blocks == 2 and tiny.dit.guidance_embed
 
@@ -46,7 +48,9 @@ def test_match_preset() -> None:
     assert match_preset(FLUX1_SCHNELL) is PRESETS["flux1-schnell"]
     odd = FluxDiTConfig(hidden_size=256, num_heads=2, num_double_blocks=1, num_single_blocks=1, guidance_embed=False)
     custom = match_preset(odd)
-    assert custom.name == "custom" and custom.defaults.guidance is None and custom.defaults.num_inference_steps == 4
+    assert custom.name == "custom" and custom.defaults.guidance_scale is None
+    assert custom.defaults.num_inference_steps == 4
+    assert custom.max_sequence_length == 256
 
 
 @pytest.mark.parametrize("kwargs,match", [
