@@ -78,7 +78,14 @@ def test_both_release_layouts_generate_the_same_image(tmp_path: Path) -> None:
     params = {"prompt": PROMPT, "num_inference_steps": 2, "seed": 5}
     a = Pipeline.from_pretrained(tmp_path / "orig").generate(params)
     b = Pipeline.from_pretrained(tmp_path / "diff").generate(params)
-    assert torch.equal(a.latents, b.latents) and np.array_equal(a.frames, b.frames)
+    # The weights load equal (checked below); the fp32 results may differ in the last bits, because the original
+    # file's tensors sit at arbitrary offsets of the memory-mapped file and the GEMM picks other kernels for
+    # unaligned data (measured 1e-6).
+    sa = Pipeline.from_pretrained(tmp_path / "orig").denoise_stage.experts[0].state_dict()
+    sb = Pipeline.from_pretrained(tmp_path / "diff").denoise_stage.experts[0].state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    torch.testing.assert_close(a.latents, b.latents, atol=1e-5, rtol=0)
+    assert np.abs(a.frames.astype(np.int16) - b.frames.astype(np.int16)).max() <= 1
 
 
 @pytest.fixture()
