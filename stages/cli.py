@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "distilled (FLUX.1-dev)")
     gen.add_argument("--guidance-2", type=float, help="Wan2.2 A14B: guidance of the low-noise expert")
     gen.add_argument("--shift", type=float, help="flow-matching timestep shift")
-    gen.add_argument("--sampler", choices=SAMPLER_NAMES, help="default: the model's (unipc)")
+    gen.add_argument("--sampler", choices=SAMPLER_NAMES, help="default: the model's (Wan: unipc; FLUX.1: flowmatch-euler)")
     gen.add_argument("--seed", type=int, help="default: random (recorded in the sidecar)")
     gen.add_argument("--out", type=Path, default=None,
                      help="output file (.mp4, or .png for one frame); a JSON sidecar is written next to it")
