@@ -114,3 +114,18 @@ def test_cfg_parallel_is_refused_for_distilled_guidance(home: Path, release: tup
     err = capsys.readouterr().err
     assert "cfg_degree 2 needs classifier-free guidance" in err and "use cfg_degree 1" in err
     assert ("distilled" if variant == "dev" else "none") in err
+
+
+@pytest.mark.slow
+def test_cli_two_local_ranks_ring_give_the_single_rank_image(home: Path, release: tuple[Path, str]) -> None:
+    """--world-size 2 --ring-degree 2: the joint sequence over two gloo ranks (text replicated, image tokens
+    sharded) and the strip-parallel FLUX VAE decode; fp32 sums in another order can flip a rounding."""
+    root, _ = release
+    args = ["generate", "--model", str(root), "--prompt", PROMPT, "--height", "48", "--width", "64", "--steps", "2",
+            "--seed", "6", "-q"]
+    assert main([*args, "--out", str(home / "one")]) == 0
+    assert main([*args, "--out", str(home / "two"), "--world-size", "2", "--ring-degree", "2"]) == 0
+    one, two = (read_video(home / f"{n}.png").astype(np.int16) for n in ("one", "two"))
+    assert one.shape == two.shape == (1, 48, 64, 3)
+    assert np.abs(one - two).max() <= 1 and (one == two).mean() > 0.99
+    assert json.loads((home / "two.json").read_text())["parallel_layout"] == "ring2"
