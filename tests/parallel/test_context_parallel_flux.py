@@ -53,22 +53,21 @@ def _stage(mesh: ParallelMesh | None = None):
 
 
 def _job(stage):
-    """A flowmatch-euler job built directly: that sampler is not yet a request-level name (SAMPLER_NAMES)."""
+    """A flowmatch-euler job with FLUX.1-dev's distilled guidance and its dynamic shift for this size."""
     from models.conditioning import Conditioning
-    from stages.denoise import DenoiseJob, initial_noise
     from stages.embeddings import PromptEmbeddings
     from stages.params import ResolvedParams
-    from stages.samplers import flux_image_seq_len, flux_shift, make_sampler
+    from stages.samplers import flux_image_seq_len, flux_shift
 
     config = _config()
     params = ResolvedParams(prompt="p", negative_prompt="", height=HEIGHT, width=WIDTH, num_frames=1,
-                            num_inference_steps=STEPS, guidance_scale=3.5, guidance_scale_2=3.5, shift=1.0, seed=3,
-                            sampler="euler", fps=1)
+                            num_inference_steps=STEPS, guidance_scale=3.5, guidance_scale_2=3.5,
+                            shift=flux_shift(flux_image_seq_len(HEIGHT, WIDTH)), seed=3, sampler="flowmatch-euler",
+                            fps=1, guidance="distilled")
     generator = torch.Generator().manual_seed(11)
     prompt = Conditioning(torch.randn(TEXT_LEN, config.context_dim, generator=generator),
                           torch.randn(config.pooled_dim, generator=generator))
-    sampler = make_sampler("flowmatch-euler", STEPS, flux_shift(flux_image_seq_len(HEIGHT, WIDTH)))
-    return DenoiseJob(params, PromptEmbeddings(prompt, None), sampler, initial_noise(params, stage.latent))
+    return stage.start(params, PromptEmbeddings(prompt, None))
 
 
 def _denoise(stage) -> np.ndarray:
