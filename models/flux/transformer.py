@@ -19,6 +19,13 @@ scales and the final layer). RoPE frequencies are float64 then cast, as diffuser
 enter the sinusoid in fp32: with bf16 activations both references round 1000 * sigma to bf16 first (e.g.
 123.456 -> 123.5); the fp32 value is the one they compute in fp32, the setting the parity tests pin.
 
+Speed (benchmarks/dit_forward.py --family flux), with the math unchanged: on CPU every GEMM of at least 32 rows
+multiplies by a weight prepacked once (`PackedLinear` in models/cpu_linear.py, shared with Wan; a second copy
+of the weights), the MLPs' first GEMM carries the tanh-GELU in its epilogue, the adaLN modulation is the affine
+part of the LayerNorm, RoPE is one complex product with its tables cached per (text_len, grid), and without
+autograd the residual streams are updated in place once a block has made its own copy (the block's inputs are
+never written). With autograd recording, all of this falls back to the plain out-of-place ops.
+
 Block protocol, for block-loop runners, feature caches and context parallelism that must not edit this file:
 `state = model.prepare(latents, t, context, pooled, guidance)`, then
 `img, txt = block(img, txt, state.vec, state.rope)` for each of `model.blocks` (the double-stream blocks,
