@@ -12,9 +12,10 @@ per-repeat ratios, which cancels slow drifts in machine speed. Achieved GFLOP/s 
 attention FLOPs analytically (elementwise work is not counted).
 
 "Peak" is the best GEMM rate measured in the same run and dtype: between the repeats, every GEMM of
-`gemm_shapes` (the model's largest GEMMs at this run's token counts, plus one square 2048 x 2048 x 4096) is
-timed both as a plain `torch.mm` and through `PackedLinear` (the prepacked oneDNN / MKL GEMM our models use);
-the best sample of any of them is the peak. Our forward can still come close to it, but not above it by more
+`wan_gemms` / `flux_gemms` (the model's largest GEMMs at this run's token counts, plus one square
+2048 x 2048 x 4096) is timed as a plain `torch.mm`, through `PackedLinear` (the prepacked GEMM our models use:
+oneDNN in bf16, MKL in fp32) and through `PackedLinear` with the GELU epilogue (oneDNN in fp32 too, as our
+MLP up-projections run it); the best sample of any of them is the peak. Our forward can still come close to it, but not above it by more
 than the noise (the attention runs in SDPA, the rest is elementwise).
 
 bf16 follows each implementation's own precision policy: ours keeps its `keep_fp32` parameters and the residual
@@ -136,6 +137,9 @@ class GemmPeak:
             flops = 2.0 * m * k * n
             self._calls[f"mm {m}x{k}x{n}"] = (lambda a=a, b=b: torch.mm(a, b), flops)
             self._calls[f"packed {m}x{k}x{n}"] = (lambda a=a, layer=layer: layer(a), flops)
+            # GELU in the epilogue: more work than the GEMM alone, but in fp32 this is the oneDNN kernel
+            # (the plain packed one is MKL's), which our FFN / MLP up-projections run and which can be faster
+            self._calls[f"packed+gelu {m}x{k}x{n}"] = (lambda a=a, layer=layer: layer(a, gelu=True), flops)
         with torch.inference_mode():
             for fn, _ in self._calls.values():
                 fn()  # warm-up; packs the PackedLinear weights
@@ -349,7 +353,7 @@ def plot(report: dict, path: Path) -> None:
     for ax, label in ((left, "forward (s), median and repeats"), (right, "GFLOP/s")):
         ax.set_xticks(range(len(results)), [r["dtype"] for r in results])
         ax.set_ylabel(label)
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(loc="upper right", fontsize=8)
     cfg = report["config"]
     fig.suptitle(f"{report['family']} DiT forward, {results[0]['tokens']} image tokens, {cfg['blocks']}, "
                  f"{report['machine']['threads']} threads")
