@@ -1,22 +1,37 @@
-"""One DiT forward: native `WanTransformer` vs diffusers `WanTransformer3DModel`, same weights and inputs.
+"""One DiT forward: our model vs diffusers' with the same weights and inputs, for the Wan or the FLUX.1 family.
 
-Runs a few layers at the real Wan2.1-1.3B width (dim 1536, 12 heads, ffn 8960, text 512 x 4096) on
->= 1,500 video tokens, in fp32 and in bf16, in one process. The two models' runs are interleaved
-(alternating which goes first) and the medians are reported, because the machine may be shared;
-"paired" is the median of the per-repeat ratios, which cancels slow drifts in machine speed.
-Achieved GFLOP/s counts the matmul and attention FLOPs analytically; "peak" is a large matmul in
-the same dtype, sampled between the repeats of the same run (the best sample is the peak).
+`--family wan` (the default): native `WanTransformer` vs diffusers `WanTransformer3DModel`, a few layers at the
+real Wan2.1-1.3B width (dim 1536, 12 heads, ffn 8960, text 512 x 4096) on >= 1,500 video tokens.
+`--family flux`: native `FluxTransformer` vs diffusers `FluxTransformer2DModel` (dev, with the guidance
+embedding), a few double- and single-stream blocks at the real FLUX.1 width (3072, 24 heads of 128, MLP 12288,
+T5 context 4096, CLIP pooled 768) on a 64x64 latent (512x512 px: 1,024 image tokens) plus 512 text tokens.
 
-bf16 follows each implementation's own precision policy: ours keeps `WanTransformer.keep_fp32`
-parameters and the residual stream in fp32; diffusers keeps its `_keep_in_fp32_modules` in fp32 (as
-its `from_pretrained(torch_dtype=bf16)` does) and carries the residual stream in bf16.
+Both run in fp32 and in bf16, in one process. The two models' runs are interleaved (alternating which goes
+first) and the medians are reported, because the machine may be shared; "paired" is the median of the
+per-repeat ratios, which cancels slow drifts in machine speed. Achieved GFLOP/s counts the matmul and
+attention FLOPs analytically (elementwise work is not counted).
 
-Ours prepacks its CPU GEMM weights on the first (warm-up) forward (`PackedLinear`); the timed repeats
-exclude that, as they exclude diffusers' first-call costs. The JSON records both first forwards
-(`first_forward_s`) and the memory the packed copies take (`ours_packed_weight_bytes`, next to
-`ours_param_bytes`).
+"Peak" is the best GEMM rate measured in the same run and dtype: between the repeats, every GEMM of
+`wan_gemms` / `flux_gemms` (the model's largest GEMMs at this run's token counts, plus one square
+2048 x 2048 x 4096) is timed as a plain `torch.mm`, through `PackedLinear` (the prepacked GEMM our models use:
+oneDNN in bf16, MKL in fp32) and through `PackedLinear` with the GELU epilogue (oneDNN in fp32 too, as our
+MLP up-projections run it); the best sample of any of them is the peak. Our forward can still come close to it, but not above it by more
+than the noise (the attention runs in SDPA, the rest is elementwise).
+
+bf16 follows each implementation's own precision policy: ours keeps its `keep_fp32` parameters and the residual
+stream in fp32; diffusers keeps its `_keep_in_fp32_modules` in fp32 (as its `from_pretrained(torch_dtype=bf16)`
+does; FLUX has none) and carries the residual stream in bf16. For FLUX, diffusers is called the way its
+pipeline calls it in the denoising loop: latents already packed and the position ids built once, outside the
+timed call (our model packs the latents and builds or reuses its RoPE tables inside it).
+
+Ours prepacks its CPU GEMM weights on the first (warm-up) forward (`PackedLinear`); the timed repeats exclude
+that, as they exclude diffusers' first-call costs. The JSON records both first forwards (`first_forward_s`)
+and the memory the packed copies take (`ours_packed_weight_bytes`, next to `ours_param_bytes`); a PNG next to
+the JSON plots the times and the GFLOP/s against the peak.
 
     .venv/bin/python benchmarks/dit_forward.py --layers 2 --frames 5 --height 24 --width 52 --repeats 7
+    .venv/bin/python benchmarks/dit_forward.py --family flux --double 2 --single 2 --height 64 --width 64 \\
+        --text-len 512 --repeats 5
 """
 
 from __future__ import annotations
@@ -29,6 +44,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -36,16 +52,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.wan.config import WanDiTConfig  # noqa: E402
+from models.cpu_linear import PackedLinear  # noqa: E402
+from models.flux.config import FluxDiTConfig  # noqa: E402
 from models.random_init import randomize_parameters  # noqa: E402
-from models.wan.transformer import WanTransformer  # noqa: E402
-from models.wan.transformer_keys import original_to_diffusers  # noqa: E402
+from models.wan.config import WanDiTConfig  # noqa: E402
 
 logger = logging.getLogger("dit_forward")
 
+RESULTS = Path(__file__).resolve().parent / "results"
+Gemm = tuple[int, int, int]
+"""(rows m, inner k, columns n) of one GEMM (m x k) @ (k x n)."""
 
+SQUARE_GEMM: Gemm = (2048, 2048, 4096)
+TIME_CHANNELS = 256  # FLUX's timestep / guidance sinusoid width (models.flux.transformer.TIME_CHANNELS)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP counts and the GEMMs the models run
+# ---------------------------------------------------------------------------------------------
 def forward_flops(cfg: WanDiTConfig, batch: int, tokens: int) -> float:
-    """Matmul + attention FLOPs of one forward (2 per multiply-add); elementwise work is not counted."""
+    """Wan: matmul + attention FLOPs of one forward (2 per multiply-add); elementwise work is not counted."""
     d, f, n, text = cfg.dim, cfg.ffn_dim, tokens, cfg.text_len
     patch = 2 * n * cfg.in_dim * (cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]) * d
     text_mlp = 2 * text * (cfg.text_dim * d + d * d)
@@ -63,82 +89,220 @@ def forward_flops(cfg: WanDiTConfig, batch: int, tokens: int) -> float:
     return float(batch * (patch + text_mlp + time_mlp + cfg.num_layers * block + head))
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 3) -> float:
-    """GFLOP/s of a (size x size) @ (size x 2*size) matmul, the best of `repeats` (a peak, not a median)."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, 2 * size).to(dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size * size * 2 * size / best / 1e9
+def flux_forward_flops(cfg: FluxDiTConfig, batch: int, tokens: int, text_len: int) -> float:
+    """FLUX.1: matmul + attention FLOPs of one forward (2 per multiply-add); elementwise work is not counted."""
+    d, m, n, s = cfg.hidden_size, cfg.mlp_hidden, tokens, tokens + text_len
+    embed = 2 * n * cfg.in_channels * d + 2 * text_len * cfg.context_dim * d
+    vec = 2 * (TIME_CHANNELS * d + d * d) * (2 if cfg.guidance_embed else 1) + 2 * (cfg.pooled_dim * d + d * d)
+    attention = 4 * s * s * d  # QK^T and PV over the joint sequence
+    double = 2 * s * d * 3 * d + attention + 2 * s * d * d + 4 * s * d * m + 2 * (2 * d * 6 * d)
+    single = 2 * s * d * (3 * d + m) + attention + 2 * s * (d + m) * d + 2 * d * 3 * d
+    final = 2 * d * 2 * d + 2 * n * d * cfg.in_channels
+    return float(batch * (embed + vec + cfg.num_double_blocks * double + cfg.num_single_blocks * single + final))
 
 
-def diffusers_model(ours: WanTransformer, dtype: torch.dtype) -> torch.nn.Module:
-    """diffusers `WanTransformer3DModel` with our weights, cast as its `from_pretrained(torch_dtype=...)` would."""
-    from diffusers import WanTransformer3DModel
 
-    ref = WanTransformer3DModel.from_config(ours.config.to_diffusers_json()).eval()
-    ref.load_state_dict(original_to_diffusers(ours.state_dict()), strict=True)
+def wan_gemms(cfg: WanDiTConfig, batch: int, tokens: int) -> list[Gemm]:
+    """Wan's largest GEMMs: FFN up and down, the attention projections, the 512-row text MLP."""
+    n = batch * tokens
+    return [(n, cfg.dim, cfg.ffn_dim), (n, cfg.ffn_dim, cfg.dim), (n, cfg.dim, cfg.dim),
+            (batch * cfg.text_len, cfg.text_dim, cfg.dim)]
+
+
+def flux_gemms(cfg: FluxDiTConfig, batch: int, tokens: int, text_len: int) -> list[Gemm]:
+    """FLUX's largest GEMMs: the single blocks' linear1 and linear2, the image MLP's up and down, image qkv."""
+    d, m, s = cfg.hidden_size, cfg.mlp_hidden, batch * (tokens + text_len)
+    n = batch * tokens
+    return [(s, d, 3 * d + m), (s, d + m, d), (n, d, m), (n, m, d), (n, d, 3 * d)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The peak: the best of plain and prepacked GEMMs at the model's shapes
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class GemmPeak:
+    """Plain `torch.mm` and `PackedLinear` GEMMs of the given shapes in one dtype; `sample` times each once."""
+
+    dtype: torch.dtype
+    shapes: list[Gemm]
+    samples: dict[str, list[float]] = field(default_factory=dict)  # name -> GFLOP/s per sample
+
+    def __post_init__(self) -> None:
+        gen = torch.Generator().manual_seed(3)
+        self._calls: dict[str, tuple[Callable[[], torch.Tensor], float]] = {}
+        for m, k, n in dict.fromkeys([*self.shapes, SQUARE_GEMM]):  # unique, in order
+            a = torch.randn(m, k, generator=gen).to(self.dtype)
+            b = torch.randn(k, n, generator=gen).to(self.dtype)
+            layer = PackedLinear(k, n).to(self.dtype).requires_grad_(False)
+            flops = 2.0 * m * k * n
+            self._calls[f"mm {m}x{k}x{n}"] = (lambda a=a, b=b: torch.mm(a, b), flops)
+            self._calls[f"packed {m}x{k}x{n}"] = (lambda a=a, layer=layer: layer(a), flops)
+            # GELU in the epilogue: more work than the GEMM alone, but in fp32 this is the oneDNN kernel
+            # (the plain packed one is MKL's), which our FFN / MLP up-projections run and which can be faster
+            self._calls[f"packed+gelu {m}x{k}x{n}"] = (lambda a=a, layer=layer: layer(a, gelu=True), flops)
+        with torch.inference_mode():
+            for fn, _ in self._calls.values():
+                fn()  # warm-up; packs the PackedLinear weights
+
+    def sample(self) -> float:
+        """Time every GEMM once; returns the best GFLOP/s of this sample."""
+        best = 0.0
+        with torch.inference_mode():
+            for name, (fn, flops) in self._calls.items():
+                start = time.perf_counter()
+                fn()
+                rate = flops / (time.perf_counter() - start) / 1e9
+                self.samples.setdefault(name, []).append(rate)
+                best = max(best, rate)
+        return best
+
+    @property
+    def best_by_gemm(self) -> dict[str, float]:
+        return {name: max(v) for name, v in self.samples.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The two families: build both models on the same weights, and their calls
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Subject:
+    """One family's pair of models in one dtype, ready to time."""
+
+    run_ours: Callable[[], torch.Tensor]
+    run_ref: Callable[[], torch.Tensor]
+    ref_output: Callable[[torch.Tensor], torch.Tensor]  # diffusers' raw output -> our output's layout
+    ours: torch.nn.Module
+    tokens: int
+    flops: float
+    gemms: list[Gemm]
+
+
+def cast_like_from_pretrained(ref: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast as diffusers' `from_pretrained(torch_dtype=...)` would: all but `_keep_in_fp32_modules`."""
     keep = ref._keep_in_fp32_modules or []
     with torch.no_grad():
         for name, t in [*ref.named_parameters(), *ref.named_buffers()]:
             if t.is_floating_point() and not any(k in name.split(".") for k in keep):
                 t.data = t.data.to(dtype)
-    return ref.requires_grad_(False)
+    return ref.eval().requires_grad_(False)
 
 
-def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
+def wan_subject(args: argparse.Namespace, dtype: torch.dtype) -> Subject:
+    from diffusers import WanTransformer3DModel
 
+    from models.wan.transformer import WanTransformer
+    from models.wan.transformer_keys import original_to_diffusers
 
-def run_dtype(cfg: WanDiTConfig, dtype: torch.dtype, args: argparse.Namespace,
-              fp32_reference: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
-    """Time both models in `dtype`; `fp32_reference` (our fp32 output, same weights) measures low-precision error."""
-    ours = WanTransformer(cfg)
-    randomize_parameters(ours, seed=0)
-    ref = diffusers_model(ours, dtype)
-    ours.cast_weights(dtype)
-    ours.eval()
+    cfg = wan_config(args)
+    ours = randomize_parameters(WanTransformer(cfg), seed=0)
+    ref = WanTransformer3DModel.from_config(cfg.to_diffusers_json())
+    ref.load_state_dict(original_to_diffusers(ours.state_dict()), strict=True)
+    ref = cast_like_from_pretrained(ref, dtype)
+    ours.cast_weights(dtype).eval().requires_grad_(False)
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, cfg.in_dim, args.frames, args.height, args.width, generator=gen).to(dtype)
     context = torch.randn(args.batch, cfg.text_len, cfg.text_dim, generator=gen).to(dtype)
     t = torch.full((args.batch,), 700.0)
     tokens = args.frames * (args.height // 2) * (args.width // 2)
+    return Subject(run_ours=lambda: ours(x, t, context), run_ref=lambda: ref(x, t, context, return_dict=False)[0],
+                   ref_output=lambda out: out, ours=ours, tokens=tokens,
+                   flops=forward_flops(cfg, args.batch, tokens), gemms=wan_gemms(cfg, args.batch, tokens))
 
-    run_ours = lambda: ours(x, t, context)  # noqa: E731
-    run_ref = lambda: ref(x, t, context, return_dict=False)[0]  # noqa: E731
+
+def flux_subject(args: argparse.Namespace, dtype: torch.dtype) -> Subject:
+    from diffusers import FluxTransformer2DModel
+    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+
+    from models.flux.transformer import FluxTransformer, pack_latents, unpack_latents
+    from models.flux.transformer_keys import original_to_diffusers
+
+    cfg = flux_config(args)
+    ours = randomize_parameters(FluxTransformer(cfg), seed=0)
+    ref = FluxTransformer2DModel.from_config(cfg.to_diffusers_json())
+    ref.load_state_dict(original_to_diffusers(ours.state_dict()), strict=True)
+    ref = cast_like_from_pretrained(ref, dtype)
+    ours.cast_weights(dtype).eval().requires_grad_(False)
+
+    gen = torch.Generator().manual_seed(1)
+    b, h, w = args.batch, args.height, args.width
+    latents = torch.randn(b, cfg.latent_channels, h, w, generator=gen).to(dtype)
+    context = torch.randn(b, args.text_len, cfg.context_dim, generator=gen).to(dtype)
+    pooled = torch.randn(b, cfg.pooled_dim, generator=gen).to(dtype)
+    t = torch.full((b,), 750.0)  # 1000 * sigma; exact in bf16 too, so both models see the same t
+    guidance = torch.full((b,), 3.5) if cfg.guidance_embed else None
+    # what FluxPipeline hands its transformer each step (packed latents, ids made once per generation)
+    packed = pack_latents(latents)
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, dtype)
+    txt_ids = torch.zeros(args.text_len, 3, dtype=dtype)
+
+    def run_ref() -> torch.Tensor:
+        return ref(hidden_states=packed, encoder_hidden_states=context, pooled_projections=pooled,
+                   timestep=(t / 1000).to(dtype), img_ids=img_ids, txt_ids=txt_ids,
+                   guidance=None if guidance is None else guidance.to(dtype), return_dict=False)[0]
+
+    tokens = (h // 2) * (w // 2)
+    return Subject(run_ours=lambda: ours(latents, t, context, pooled, guidance), run_ref=run_ref,
+                   ref_output=lambda out: unpack_latents(out, (h // 2, w // 2)), ours=ours, tokens=tokens,
+                   flops=flux_forward_flops(cfg, b, tokens, args.text_len),
+                   gemms=flux_gemms(cfg, b, tokens, args.text_len))
+
+
+def wan_config(args: argparse.Namespace) -> WanDiTConfig:
+    return WanDiTConfig(dim=args.dim or 1536, ffn_dim=args.ffn_dim or 8960, num_heads=args.heads or 12,
+                        num_layers=args.layers)
+
+
+def flux_config(args: argparse.Namespace) -> FluxDiTConfig:
+    heads = args.heads or 24
+    dim = args.dim or 3072
+    head_dim = dim // heads
+    side = head_dim // 6 * 2  # narrower test widths: even RoPE channels per axis, summing to head_dim
+    rope = (16, 56, 56) if head_dim == 128 else (head_dim - 2 * side, side, side)
+    return FluxDiTConfig(hidden_size=dim, num_heads=heads, num_double_blocks=args.double,
+                         num_single_blocks=args.single, mlp_ratio=(args.ffn_dim or 4 * dim) / dim,
+                         context_dim=args.context_dim or 4096, pooled_dim=args.pooled_dim or 768,
+                         axes_dims_rope=rope, guidance_embed=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def run_dtype(args: argparse.Namespace, dtype: torch.dtype,
+              fp32_reference: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+    """Time both models in `dtype`; `fp32_reference` (our fp32 output, same weights) measures low-precision error."""
+    subject = (flux_subject if args.family == "flux" else wan_subject)(args, dtype)
+    peak = GemmPeak(dtype, subject.gemms)
     times: dict[str, list[float]] = {"ours": [], "diffusers": []}
     peaks: list[float] = []  # sampled between repeats: the machine's speed drifts when it is shared
     first: dict[str, float] = {}
+    outputs: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         for _ in range(args.warmup):
-            (t_ours, out_ours), (t_ref, out_ref) = timed(run_ours), timed(run_ref)
-            first.setdefault("ours", t_ours)
-            first.setdefault("diffusers", t_ref)
+            for name, fn in (("ours", subject.run_ours), ("diffusers", subject.run_ref)):
+                elapsed, outputs[name] = timed(fn)
+                first.setdefault(name, elapsed)
         for i in range(args.repeats):
-            order = [("ours", run_ours), ("diffusers", run_ref)]
+            order = [("ours", subject.run_ours), ("diffusers", subject.run_ref)]
             for name, fn in order if i % 2 == 0 else order[::-1]:
-                elapsed, out = timed(fn)
+                elapsed, outputs[name] = timed(fn)
                 times[name].append(elapsed)
-                if name == "ours":
-                    out_ours = out
-                else:
-                    out_ref = out
-            peaks.append(matmul_peak(dtype))
-    err = (out_ours.float() - out_ref.float()).abs().max().item()
-    scale = out_ref.float().abs().max().item()
-    flops = forward_flops(cfg, args.batch, tokens)
-    peak = max(peaks)
+            peaks.append(peak.sample())
+    out_ours, out_ref = outputs["ours"].float(), subject.ref_output(outputs["diffusers"]).float()
+    err = (out_ours - out_ref).abs().max().item()
+    scale = out_ref.abs().max().item()
+    flops = subject.flops
+    best = max(peaks)
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
         "dtype": str(dtype).replace("torch.", ""),
-        "tokens": tokens,
+        "tokens": subject.tokens,
         "gflop_per_forward": flops / 1e9,
         "median_s": med,
         "all_s": times,
@@ -146,49 +310,126 @@ def run_dtype(cfg: WanDiTConfig, dtype: torch.dtype, args: argparse.Namespace,
         # each repeat runs the two models back to back, so the per-repeat ratio cancels slow drifts
         "paired_speedup_median": statistics.median(d / o for d, o in zip(times["diffusers"], times["ours"])),
         "gflops": {k: flops / v / 1e9 for k, v in med.items()},
-        "matmul_peak_gflops": peak,
-        "matmul_gflops_samples": peaks,
-        "fraction_of_peak": {k: flops / v / 1e9 / peak for k, v in med.items()},
+        "matmul_peak_gflops": best,
+        "matmul_gflops_samples": peaks,  # the best GEMM of each sample
+        "peak_by_gemm_gflops": peak.best_by_gemm,
+        "fraction_of_peak": {k: flops / v / 1e9 / best for k, v in med.items()},
         "max_abs_err": err,
         "out_absmax": scale,
         "first_forward_s": first,  # warm-up: includes our one-off weight packing
-        "ours_param_bytes": sum(p.numel() * p.element_size() for p in ours.parameters()),
-        "ours_packed_weight_bytes": ours.packed_weight_bytes(),
+        "ours_param_bytes": sum(p.numel() * p.element_size() for p in subject.ours.parameters()),
+        "ours_packed_weight_bytes": subject.ours.packed_weight_bytes(),
     }
     if fp32_reference is not None and dtype != torch.float32:
-        result["max_abs_err_vs_fp32"] = {name: (out.float() - fp32_reference).abs().max().item()
+        result["max_abs_err_vs_fp32"] = {name: (out - fp32_reference).abs().max().item()
                                          for name, out in (("ours", out_ours), ("diffusers", out_ref))}
-    del ours, ref
-    return result, out_ours.float()
+    return result, out_ours
 
 
-def main(argv: list[str] | None = None) -> dict:
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+def plot(report: dict, path: Path) -> None:
+    """Per dtype: the forward times of both models (median bar, every repeat as a dot), and GFLOP/s vs the peak."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.38
+    for j, (name, colour) in enumerate((("ours", "tab:blue"), ("diffusers", "tab:orange"))):
+        xs = [i + (j - 0.5) * width for i in range(len(results))]
+        left.bar(xs, [r["median_s"][name] for r in results], width, color=colour, label=name)
+        for x, r in zip(xs, results):
+            left.scatter([x] * len(r["all_s"][name]), r["all_s"][name], color="black", s=8, zorder=3)
+        right.bar(xs, [r["gflops"][name] for r in results], width, color=colour, label=name)
+    for i, r in enumerate(results):
+        right.hlines(r["matmul_peak_gflops"], i - width, i + width, color="black", linestyle="--",
+                     label="GEMM peak (same run)" if i == 0 else None)
+        left.annotate(f"{r['paired_speedup_median']:.2f}x", (i, max(r["median_s"].values())), ha="center",
+                      va="bottom")
+    for ax, label in ((left, "forward (s), median and repeats"), (right, "GFLOP/s")):
+        ax.set_xticks(range(len(results)), [r["dtype"] for r in results])
+        ax.set_ylabel(label)
+        ax.legend(loc="upper right", fontsize=8)
+    cfg = report["config"]
+    fig.suptitle(f"{report['family']} DiT forward, {results[0]['tokens']} image tokens, {cfg['blocks']}, "
+                 f"{report['machine']['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def config_record(args: argparse.Namespace) -> dict:
+    batch = args.batch
+    if args.family == "wan":
+        cfg = wan_config(args)
+        return {"dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "num_heads": cfg.num_heads, "layers": cfg.num_layers,
+                "text_len": cfg.text_len, "text_dim": cfg.text_dim, "batch": batch,
+                "latent": [cfg.in_dim, args.frames, args.height, args.width], "blocks": f"{cfg.num_layers} blocks"}
+    cfg = flux_config(args)
+    return {"hidden_size": cfg.hidden_size, "num_heads": cfg.num_heads, "head_dim": cfg.head_dim,
+            "mlp_hidden": cfg.mlp_hidden, "double_blocks": cfg.num_double_blocks,
+            "single_blocks": cfg.num_single_blocks, "text_len": args.text_len, "context_dim": cfg.context_dim,
+            "pooled_dim": cfg.pooled_dim, "guidance_embed": cfg.guidance_embed, "batch": batch,
+            "latent": [cfg.latent_channels, args.height, args.width], "pixels": [8 * args.height, 8 * args.width],
+            "blocks": f"{cfg.num_double_blocks} double + {cfg.num_single_blocks} single blocks"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--frames", type=int, default=5, help="latent frames F")
-    parser.add_argument("--height", type=int, default=24, help="latent height H (tokens: H/2 rows)")
-    parser.add_argument("--width", type=int, default=52, help="latent width W (tokens: W/2 columns)")
+    parser.add_argument("--family", choices=("wan", "flux"), default="wan")
+    parser.add_argument("--layers", type=int, default=2, help="wan: blocks")
+    parser.add_argument("--double", type=int, default=2, help="flux: double-stream blocks")
+    parser.add_argument("--single", type=int, default=2, help="flux: single-stream blocks")
+    parser.add_argument("--frames", type=int, default=5, help="wan: latent frames F")
+    parser.add_argument("--height", type=int, default=None,
+                        help="latent height (tokens: height/2 rows); default wan 24, flux 64 (512 px)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="latent width (tokens: width/2 columns); default wan 52, flux 64 (512 px)")
+    parser.add_argument("--text-len", type=int, default=512, help="flux: T5 tokens (wan always uses 512)")
+    parser.add_argument("--dim", type=int, default=None, help="model width; default the release's (1536 / 3072)")
+    parser.add_argument("--heads", type=int, default=None, help="attention heads; default the release's (12 / 24)")
+    parser.add_argument("--ffn-dim", type=int, default=None, help="FFN / MLP width; default the release's")
+    parser.add_argument("--context-dim", type=int, default=None, help="flux: T5 width; default 4096")
+    parser.add_argument("--pooled-dim", type=int, default=None, help="flux: CLIP pooled width; default 768")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dit_forward.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path; default results/dit_forward.json (wan), results/dit_forward_flux.json")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG next to the JSON")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.height % 2 or args.width % 2:
-        parser.error("--repeats must be >= 1 and --height/--width even (patch 1x2x2)")
+    defaults = {"wan": (24, 52, "dit_forward.json"), "flux": (64, 64, "dit_forward_flux.json")}[args.family]
+    args.height = args.height if args.height is not None else defaults[0]
+    args.width = args.width if args.width is not None else defaults[1]
+    args.out = args.out if args.out is not None else RESULTS / defaults[2]
+    if args.repeats < 1 or args.warmup < 1:
+        parser.error("--repeats and --warmup must be >= 1")
+    if args.height % 2 or args.width % 2 or args.height < 2 or args.width < 2:
+        parser.error(f"--height/--width must be even and >= 2 (2x2 patches), got {args.height}x{args.width}")
+    if args.family == "flux" and (args.text_len < 1 or args.double < 0 or args.single < 0):
+        parser.error("--text-len must be >= 1 and --double/--single >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("diffusers").setLevel(logging.ERROR)
 
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    cfg = WanDiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=args.layers)
     results = []
     fp32_reference = None
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name)
-        logger.info("running %s ...", name)
-        r, out = run_dtype(cfg, dtype, args, fp32_reference)
+        logger.info("running %s %s ...", args.family, name)
+        r, out = run_dtype(args, dtype, fp32_reference)
         results.append(r)
         if dtype == torch.float32:
             fp32_reference = out
@@ -197,9 +438,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"fp32 outputs disagree: max abs err {r['max_abs_err']:.3g} (|out| {r['out_absmax']:.3g})")
 
     report = {
-        "config": {"dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "num_heads": cfg.num_heads, "layers": cfg.num_layers,
-                   "text_len": cfg.text_len, "text_dim": cfg.text_dim, "batch": args.batch,
-                   "latent": [cfg.in_dim, args.frames, args.height, args.width]},
+        "family": args.family,
+        "config": config_record(args),
         "machine": {"threads": args.threads, "torch": torch.__version__,
                     "cpu": platform.processor() or platform.machine(),
                     "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
@@ -209,23 +449,26 @@ def main(argv: list[str] | None = None) -> dict:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
+    if not args.no_plot:
+        plot(report, args.out.with_suffix(".png"))
 
     lines = ["| dtype | tokens | ours (s) | diffusers (s) | speedup (paired) | ours GFLOP/s | diffusers GFLOP/s | "
-             "matmul peak | ours / peak | max abs err (|out|) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "GEMM peak | ours / peak | diffusers / peak | max abs err (|out|) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(
             f"| {r['dtype']} | {r['tokens']} | {r['median_s']['ours']:.3f} | {r['median_s']['diffusers']:.3f} | "
             f"{r['speedup_vs_diffusers']:.2f}x ({r['paired_speedup_median']:.2f}x) | "
             f"{r['gflops']['ours']:.0f} | {r['gflops']['diffusers']:.0f} | "
             f"{r['matmul_peak_gflops']:.0f} | {r['fraction_of_peak']['ours']:.0%} | "
-            f"{r['max_abs_err']:.2e} ({r['out_absmax']:.2f}) |")
+            f"{r['fraction_of_peak']['diffusers']:.0%} | {r['max_abs_err']:.2e} ({r['out_absmax']:.2f}) |")
     for r in results:
         first = r["first_forward_s"]
-        lines.append(f"\n{r['dtype']}: our packed weight copies {r['ours_packed_weight_bytes'] / 2**20:.0f} MiB on top "
-                     f"of {r['ours_param_bytes'] / 2**20:.0f} MiB of parameters; first forward (ours includes "
-                     f"packing) ours {first.get('ours', float('nan')):.3f} s, "
-                     f"diffusers {first.get('diffusers', float('nan')):.3f} s")
+        best_gemm = max(r["peak_by_gemm_gflops"], key=r["peak_by_gemm_gflops"].get)
+        lines.append(f"\n{r['dtype']}: peak from `{best_gemm}`; our packed weight copies "
+                     f"{r['ours_packed_weight_bytes'] / 2**20:.0f} MiB on top of {r['ours_param_bytes'] / 2**20:.0f} "
+                     f"MiB of parameters; first forward (ours includes packing) ours "
+                     f"{first.get('ours', float('nan')):.3f} s, diffusers {first.get('diffusers', float('nan')):.3f} s")
     for r in results:
         if "max_abs_err_vs_fp32" in r:
             e = r["max_abs_err_vs_fp32"]

@@ -19,6 +19,13 @@ scales and the final layer). RoPE frequencies are float64 then cast, as diffuser
 enter the sinusoid in fp32: with bf16 activations both references round 1000 * sigma to bf16 first (e.g.
 123.456 -> 123.5); the fp32 value is the one they compute in fp32, the setting the parity tests pin.
 
+Speed (benchmarks/dit_forward.py --family flux), with the math unchanged: on CPU every GEMM of at least 32 rows
+multiplies by a weight prepacked once (`PackedLinear` in models/cpu_linear.py, shared with Wan; a second copy
+of the weights), the MLPs' first GEMM carries the tanh-GELU in its epilogue, the adaLN modulation is the affine
+part of the LayerNorm, RoPE is one complex product with its tables cached per (text_len, grid), and without
+autograd the residual streams are updated in place once a block has made its own copy (the block's inputs are
+never written). With autograd recording, all of this falls back to the plain out-of-place ops.
+
 Block protocol, for block-loop runners, feature caches and context parallelism that must not edit this file:
 `state = model.prepare(latents, t, context, pooled, guidance)`, then
 `img, txt = block(img, txt, state.vec, state.rope)` for each of `model.blocks` (the double-stream blocks,
@@ -43,6 +50,7 @@ from torch import nn
 
 from models.attention import AttentionFn, AttentionMeta, auto_attention
 from models.conditioning import Conditioning
+from models.cpu_linear import PackedLinear, PackedWeights, norm_modulate, residual_add
 from models.denoiser import TokenState
 from models.flux.checkpoint import ORIGINAL_DIT_FILES, resolve_dit
 from models.flux.config import FLUX_LATENT, FluxDiTConfig
@@ -110,30 +118,29 @@ def rope_tables(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: int) -> Ro
 
 
 def apply_rope(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2j], x[2j+1]) of x (B, S, H, D) by the angles of `rope` (S, D/2), in fp32."""
-    cos, sin = (r[:, None, :] for r in rope)  # (S, 1, D/2)
-    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
+    """Rotate interleaved pairs (x[2j], x[2j+1]) of x (B, S, H, D) by the angles of `rope` (S, D/2), in fp32.
+
+    One complex product (x[2j] + i x[2j+1]) * (cos + i sin): the same multiplies and adds as the rotation
+    written out (bit-identical), in one pass instead of six.
+    """
+    cos, sin = rope
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * torch.complex(cos, sin)[:, None, :]).flatten(-2)
 
 
 # ---------------------------------------------------------------------------------------------
 # 3. Embedders, modulation and norms
 # ---------------------------------------------------------------------------------------------
-def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)` in the layer's weight dtype (x cast to it first)."""
-    return F.linear(x.to(layer.weight.dtype), layer.weight, layer.bias)
-
-
 class MLPEmbedder(nn.Module):
     """Lin -> SiLU -> Lin (BFL `MLPEmbedder`: time_in, guidance_in, vector_in); returns fp32."""
 
     def __init__(self, in_dim: int, hidden: int) -> None:
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden)
-        self.out_layer = nn.Linear(hidden, hidden)
+        self.in_layer = PackedLinear(in_dim, hidden)
+        self.out_layer = PackedLinear(hidden, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(self.out_layer, F.silu(_linear(self.in_layer, x))).float()
+        return self.out_layer(F.silu(self.in_layer(x))).float()
 
 
 class Modulation(nn.Module):
@@ -142,15 +149,18 @@ class Modulation(nn.Module):
     def __init__(self, dim: int, triples: int) -> None:
         super().__init__()
         self.chunks = 3 * triples
-        self.lin = nn.Linear(dim, self.chunks * dim)
+        self.lin = PackedLinear(dim, self.chunks * dim)
 
     def forward(self, vec: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return _linear(self.lin, F.silu(vec)).float()[:, None, :].chunk(self.chunks, dim=-1)
+        return self.lin(F.silu(vec)).float()[:, None, :].chunk(self.chunks, dim=-1)
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """LN(x) * (1 + scale) + shift in fp32: non-affine LayerNorm, eps 1e-6."""
-    return F.layer_norm(x.float(), x.shape[-1:], eps=NORM_EPS) * (1 + scale) + shift
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """LN(x) * (1 + scale) + shift computed in fp32 (non-affine LayerNorm, eps 1e-6), cast to the matmul `dtype`.
+
+    The modulation runs as the affine part of the LayerNorm (`norm_modulate`): one pass over x instead of three.
+    """
+    return norm_modulate(x.float(), shift, scale, NORM_EPS, dtype)
 
 
 class RMSNorm(nn.Module):
@@ -196,22 +206,23 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = PackedLinear(dim, 3 * dim)
         self.norm = QKNorm(dim // num_heads)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = PackedLinear(dim, dim)
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Modulated tokens (B, S, d) -> normed q, k (fp32) and v (weight dtype), each (B, S, H, D)."""
-        q, k, v = split_heads(_linear(self.qkv, x), self.num_heads)
+        q, k, v = split_heads(self.qkv(x), self.num_heads)
         return self.norm.query_norm(q), self.norm.key_norm(k), v
 
 
 def _mlp(hidden: int, dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+    return nn.Sequential(PackedLinear(dim, hidden), nn.GELU(approximate="tanh"), PackedLinear(hidden, dim))
 
 
 def _run_mlp(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    return _linear(mlp[2], F.gelu(_linear(mlp[0], x), approximate="tanh")).float()
+    """Lin -> GELU(tanh) -> Lin in the weight dtype; on CPU the GELU runs in the first GEMM's epilogue."""
+    return mlp[2](mlp[0](x, gelu=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,20 +245,22 @@ class DoubleStreamBlock(nn.Module):
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
                 rope: RopeTables) -> tuple[torch.Tensor, torch.Tensor]:
         """img (B, N, d), txt (B, L, d) fp32; vec (B, d) fp32; rope over L + N rows -> new (img, txt) fp32."""
+        dtype = self.img_attn.qkv.weight.dtype
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
         # 1. joint attention over cat(text, image)
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1))
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1, dtype))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1, dtype))
         text_len = txt.shape[1]
         attn = joint_attention(torch.cat([txt_q, img_q], 1), torch.cat([txt_k, img_k], 1),
                                torch.cat([txt_v, img_v], 1), rope, self.attn_fn, self.layer, text_len)
         txt_attn, img_attn = attn[:, :text_len], attn[:, text_len:]
-        # 2. gated residuals: attention, then the MLP, per stream
-        img = img + img_gate1 * _linear(self.img_attn.proj, img_attn).float()
-        img = img + img_gate2 * _run_mlp(self.img_mlp, modulate(img, img_shift2, img_scale2))
-        txt = txt + txt_gate1 * _linear(self.txt_attn.proj, txt_attn).float()
-        txt = txt + txt_gate2 * _run_mlp(self.txt_mlp, modulate(txt, txt_shift2, txt_scale2))
+        # 2. gated residuals: attention, then the MLP, per stream. The first sum makes the block's own
+        # fp32 tensors (the inputs stay untouched); `residual_add` then updates those in place.
+        img = torch.addcmul(img, self.img_attn.proj(img_attn), img_gate1)
+        img = residual_add(img, _run_mlp(self.img_mlp, modulate(img, img_shift2, img_scale2, dtype)), img_gate2)
+        txt = torch.addcmul(txt, self.txt_attn.proj(txt_attn), txt_gate1)
+        txt = residual_add(txt, _run_mlp(self.txt_mlp, modulate(txt, txt_shift2, txt_scale2, dtype)), txt_gate2)
         return img, txt
 
 
@@ -268,8 +281,8 @@ class SingleStreamBlock(nn.Module):
         self.num_heads = num_heads
         self.dim = dim
         self.mlp_hidden = mlp_hidden
-        self.linear1 = nn.Linear(dim, 3 * dim + mlp_hidden)
-        self.linear2 = nn.Linear(dim + mlp_hidden, dim)
+        self.linear1 = PackedLinear(dim, 3 * dim + mlp_hidden)
+        self.linear2 = PackedLinear(dim + mlp_hidden, dim)
         self.norm = QKNorm(dim // num_heads)
         self.modulation = Modulation(dim, 1)
 
@@ -279,12 +292,13 @@ class SingleStreamBlock(nn.Module):
         text_len = txt.shape[1]
         x = torch.cat([txt, img], dim=1)
         shift, scale, gate = self.modulation(vec)
-        qkv, mlp = _linear(self.linear1, modulate(x, shift, scale)).split([3 * self.dim, self.mlp_hidden], dim=-1)
+        qkv, mlp = self.linear1(modulate(x, shift, scale, self.linear1.weight.dtype)).split(
+            [3 * self.dim, self.mlp_hidden], dim=-1)
         q, k, v = split_heads(qkv, self.num_heads)
         attn = joint_attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope, self.attn_fn, self.layer,
                                text_len)
-        out = _linear(self.linear2, torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1)).float()
-        x = x + gate * out
+        out = self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
+        x = residual_add(x, out, gate)  # x is the block's own concatenation: in place under inference
         return x[:, text_len:], x[:, :text_len]
 
 
@@ -296,12 +310,12 @@ class LastLayer(nn.Module):
 
     def __init__(self, dim: int, out_channels: int) -> None:
         super().__init__()
-        self.linear = nn.Linear(dim, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = PackedLinear(dim, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), PackedLinear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-        shift, scale = _linear(self.adaLN_modulation[1], F.silu(vec)).float()[:, None, :].chunk(2, dim=-1)
-        return _linear(self.linear, modulate(x, shift, scale)).float()
+        shift, scale = self.adaLN_modulation[1](F.silu(vec)).float()[:, None, :].chunk(2, dim=-1)
+        return self.linear(modulate(x, shift, scale, self.linear.weight.dtype)).float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,7 +362,7 @@ Block = DoubleStreamBlock | SingleStreamBlock
 _FP32_PARAMS = re.compile(r"^(time_in|guidance_in|vector_in|final_layer)\.|\.(query|key)_norm\.scale$")
 
 
-class FluxTransformer(nn.Module):
+class FluxTransformer(PackedWeights, nn.Module):
     """FLUX.1-dev (with the guidance embedding) or FLUX.1-schnell (without).
 
     config: network shape; attn_fn: the attention function, (B, L, H, D) layout (the seam that context
@@ -363,12 +377,12 @@ class FluxTransformer(nn.Module):
         self.config = config
         d = config.hidden_size
         # 1. embedders
-        self.img_in = nn.Linear(config.in_channels, d)
+        self.img_in = PackedLinear(config.in_channels, d)
         self.time_in = MLPEmbedder(TIME_CHANNELS, d)
         self.vector_in = MLPEmbedder(config.pooled_dim, d)
         if config.guidance_embed:
             self.guidance_in = MLPEmbedder(TIME_CHANNELS, d)
-        self.txt_in = nn.Linear(config.context_dim, d)
+        self.txt_in = PackedLinear(config.context_dim, d)
         # 2. blocks
         self.double_blocks = nn.ModuleList(
             DoubleStreamBlock(d, config.num_heads, config.mlp_hidden, attn_fn, layer)
@@ -389,6 +403,7 @@ class FluxTransformer(nn.Module):
 
     def cast_weights(self, dtype: torch.dtype) -> "FluxTransformer":
         """Cast the matmul weights to `dtype`, keeping the `keep_fp32` parameters in fp32 (unlike `.to`)."""
+        self.release_packed_weights()
         with torch.no_grad():
             for name, p in self.named_parameters():
                 p.data = p.data.to(torch.float32 if self.keep_fp32(name) else dtype)
@@ -404,6 +419,20 @@ class FluxTransformer(nn.Module):
     def blocks(self) -> list[Block]:
         """Every block in forward order: the double-stream blocks, then the single-stream ones."""
         return [*self.double_blocks, *self.single_blocks]
+
+    def rope(self, text_len: int, grid: tuple[int, int], device: torch.device | str | None = None) -> RopeTables:
+        """RoPE tables over the joint sequence (text rows first) for `text_len` and a token grid; shared, read-only.
+
+        The same sizes come back every step: the last tables are kept (a plain attribute, not a buffer).
+        """
+        key = (text_len, tuple(grid), torch.device(device) if device is not None else None)
+        cached = self.__dict__.get("_rope_cache")
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False):  # normal tensors, usable later with autograd too
+                tables = rope_tables(position_ids(text_len, grid, device), self.config.axes_dims_rope,
+                                     self.config.theta)
+            cached = self._rope_cache = (key, tables)
+        return cached[1]
 
     def prepare(self, latents: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, pooled: torch.Tensor,
                 guidance: torch.Tensor | float | None = None) -> FluxForwardState:
@@ -431,14 +460,14 @@ class FluxTransformer(nn.Module):
             raise ValueError("this FLUX.1 model has no guidance embedding (schnell): pass guidance=None")
 
         grid = (height // 2, width // 2)
-        img = _linear(self.img_in, pack_latents(latents)).float()
+        img = self.img_in(pack_latents(latents)).float()
         vec = self.time_in(timestep_sinusoid(t))
         if cfg.guidance_embed:
             vec = vec + self.guidance_in(timestep_sinusoid(self._per_sample("guidance", guidance, batch,
                                                                             latents.device) * 1000))
         vec = vec + self.vector_in(pooled)
-        txt = _linear(self.txt_in, context).float()
-        rope = rope_tables(position_ids(context.shape[1], grid, latents.device), cfg.axes_dims_rope, cfg.theta)
+        txt = self.txt_in(context).float()
+        rope = self.rope(context.shape[1], grid, latents.device)
         return FluxForwardState(img=img, txt=txt, vec=vec, rope=rope, text_len=context.shape[1], grid=grid,
                                 dtype=latents.dtype)
 

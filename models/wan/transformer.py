@@ -10,8 +10,9 @@ whatever the weight dtype; the big matmuls (attention projections, FFN, text emb
 embedding) run in the weight dtype. `WanTransformer.keep_fp32` names the parameters that stay fp32.
 
 Speed (benchmarks/dit_forward.py), with the math unchanged: on CPU every large GEMM multiplies by a
-weight prepacked once into the oneDNN (bf16) or MKL (fp32) blocked layout (`PackedLinear`, Inductor's
-weight prepacking done by hand; it costs a second copy of the weights, see there), the FFN's and text
+weight prepacked once into the oneDNN (bf16) or MKL (fp32) blocked layout (`PackedLinear` in
+models/cpu_linear.py, shared with FLUX: Inductor's weight prepacking done by hand; it costs a second copy
+of the weights, see there), the FFN's and text
 MLP's first GEMM carries the tanh-GELU in its oneDNN epilogue and bf16 GEMMs take their bias in the
 epilogue; RoPE is a real cos/sin table, cached per grid, applied as one complex product with the q/k
 RMSNorm scale folded in; RMSNorm takes its scale from one L2-norm pass; the adaLN modulation is the affine
@@ -43,6 +44,7 @@ from torch import nn
 
 from models.attention import AttentionFn, AttentionMeta, auto_attention
 from models.conditioning import Conditioning
+from models.cpu_linear import PackedLinear, PackedWeights, norm_modulate, residual_add
 from models.denoiser import TokenState
 from models.loading import (
     CheckpointError,
@@ -132,7 +134,7 @@ def apply_rope(x: torch.Tensor, rope: RopeTables, scale: torch.Tensor | None = N
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Norms and fused kernels
+# 3. Norms (the fused CPU kernels are in models/cpu_linear.py)
 # ---------------------------------------------------------------------------------------------
 class WanRMSNorm(nn.Module):
     """RMSNorm over the full width (all heads at once, before the head split), computed in fp32.
@@ -155,155 +157,6 @@ class WanRMSNorm(nn.Module):
         if rope is None:
             return y.mul_(inv_rms)
         return apply_rope(y.unflatten(-1, (num_heads, -1)), rope, scale=inv_rms)
-
-
-def _norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """LN(x) * (1 + scale) + shift in fp32 (non-affine LayerNorm), cast to `dtype`.
-
-    x: (B, L, d) fp32; shift/scale: (B, 1, d) fp32. The modulation is the affine part of one LayerNorm per
-    sample: one pass instead of two (CPU's non-affine LayerNorm is even slower than the affine one), and
-    bit-identical to LN then addcmul in our measurements.
-    """
-    if x.shape[0] == 1:
-        return F.layer_norm(x, x.shape[-1:], 1 + scale[0, 0], shift[0, 0], eps).to(dtype)
-    if torch.is_grad_enabled():  # training: one batched LayerNorm (same math, other rounding), no per-sample loop
-        return (F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale) + shift).to(dtype)
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    for i in range(x.shape[0]):
-        out[i] = F.layer_norm(x[i], x.shape[-1:], 1 + scale[i, 0], shift[i, 0], eps)
-    return out
-
-
-def _op(namespace: str, name: str) -> object | None:
-    """`torch.ops.<namespace>.<name>` if this build has it (a CUDA-only or non-x86 build may not)."""
-    try:
-        return getattr(getattr(torch.ops, namespace), name)
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_ONEDNN_LINEAR = _op("mkldnn", "_linear_pointwise") if torch.backends.mkldnn.is_available() else None
-_ONEDNN_PACK = _op("mkldnn", "_reorder_linear_weight") if _ONEDNN_LINEAR is not None else None
-_ONEDNN_BF16_CHECK = _op("mkldnn", "_is_mkldnn_bf16_supported")
-_ONEDNN_BF16 = _ONEDNN_PACK is not None and _ONEDNN_BF16_CHECK is not None and bool(_ONEDNN_BF16_CHECK())
-_MKL_LINEAR = _op("mkl", "_mkl_linear") if torch.backends.mkl.is_available() else None
-_MKL_PACK = _op("mkl", "_mkl_reorder_linear_weight") if _MKL_LINEAR is not None else None
-
-
-@dataclass
-class _Packed:
-    """A packed weight and what it was packed from.
-
-    `source` is a detached alias of the packed weight (same storage and version counter); holding it also
-    keeps a replaced weight's address from being reused, so the data_ptr check cannot match a new tensor.
-    """
-
-    kind: str  # "onednn" or "mkl"
-    weight: torch.Tensor
-    source: torch.Tensor
-    version: int
-    rows: int
-
-
-class PackedLinear(nn.Linear):
-    """`nn.Linear` whose CPU inference path multiplies by a prepacked copy of its weight.
-
-    oneDNN (bf16) and MKL (fp32) GEMMs work on the weight in a blocked layout; given a plain weight they
-    re-block it on every call, which cost up to 30% of a GEMM at Wan's shapes with 2 threads (most for the
-    512-row text GEMMs and the FFN up-projection; ~12% of the whole bf16 forward). Here the blocked copy is
-    made once, on first use, as Inductor's weight prepacking does:
-      - bf16: oneDNN blocked weight (`mkldnn._reorder_linear_weight`); `gelu=True` also runs the tanh-GELU on
-        the fp32 accumulator in the GEMM epilogue.
-      - fp32: MKL packed GEMM (`mkl._mkl_linear`, 5-15% faster than `F.linear` here), whose packing is
-        made for one row count and rebuilt when it changes; with `gelu=True`, the oneDNN blocked weight and
-        the fused GELU (faster than an MKL GEMM followed by a separate GELU pass).
-    The packed copy is a plain attribute, not a parameter or buffer: `state_dict`, `named_parameters`,
-    checkpoints and the parameter names see only the ordinary weight. It is used only on CPU, with no
-    autograd recording, outside `torch.compile` and for at least `min_rows` rows (a GEMV gains nothing);
-    otherwise, or when the ops are missing from the build, the layer is plain `F.linear`.
-
-    Invalidation: the pack is rebuilt when the weight's storage, version counter (any in-place write through
-    the parameter, e.g. `load_state_dict`), dtype, device or shape changes; it is dropped by `release_packed`,
-    `Module.to`/`cuda`/`half`/..., pickling and `deepcopy`. An in-place write through `weight.data` does not
-    bump the version counter: call `release_packed` after one.
-
-    Memory: the packed copy is a second copy of the weight, kept next to the plain one (which `state_dict`
-    returns and the fallback paths use, and which MKL's packed GEMM itself needs): +100% of the weight in
-    bf16, +125-185% in fp32 (MKL's packed format is padded; 27x for the 64-wide head, 10 MB). For the
-    Wan2.1-1.3B DiT in bf16 that is +2.6 GB of CPU memory, for a 14B expert +28 GB
-    (`WanTransformer.packed_weight_bytes` reports it). Set `prepack = False`
-    (`WanTransformer.set_weight_prepacking(False)`) to trade the speed for the memory. Replacing the plain
-    weight by the packed one is not done: parameters, `state_dict`, `.to()` and the autograd path need it.
-    """
-
-    min_rows = 32
-    prepack = True
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._packed: _Packed | None = None
-
-    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
-        """`layer(x)`, or gelu_tanh(layer(x)) with `gelu`, in the weight dtype (x is cast to it first)."""
-        x = x.to(self.weight.dtype)
-        packed = self._packed_for(x, gelu)
-        if packed is None:
-            y = F.linear(x, self.weight, self.bias)
-            return F.gelu(y, approximate="tanh") if gelu else y
-        if packed.kind == "mkl":
-            return _MKL_LINEAR(x, packed.weight, self.weight, self.bias, packed.rows)
-        return _ONEDNN_LINEAR(x, packed.weight, self.bias, "gelu" if gelu else "none", [], "tanh" if gelu else "")
-
-    def _packed_for(self, x: torch.Tensor, gelu: bool) -> _Packed | None:
-        """The packed weight for this call (made or rebuilt if needed), or None for the plain path."""
-        w, dtype = self.weight, self.weight.dtype
-        rows = x.numel() // max(x.shape[-1], 1)
-        if not (self.prepack and x.device.type == "cpu" and rows >= self.min_rows):
-            return None
-        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
-                                        or (self.bias is not None and self.bias.requires_grad)):
-            return None  # the packed ops have no backward
-        if torch.compiler.is_compiling():
-            return None  # Inductor packs weights itself
-        if dtype == torch.bfloat16 and _ONEDNN_BF16:
-            kind = "onednn"
-        elif dtype == torch.float32 and gelu and _ONEDNN_PACK is not None:
-            kind = "onednn"
-        elif dtype == torch.float32 and not gelu and _MKL_PACK is not None:
-            kind = "mkl"
-        else:
-            return None
-        p = self._packed
-        if (p is not None and p.kind == kind and p.source.data_ptr() == w.data_ptr() and p.source.dtype == dtype
-                and p.source.device == w.device and p.source.shape == w.shape and p.version == w._version
-                and (kind == "onednn" or p.rows == rows)):
-            return p
-        self._packed = None  # free the stale copy before making the new one
-        with torch.inference_mode(False), torch.no_grad():
-            source = w.detach()
-            packed = _MKL_PACK(source, rows) if kind == "mkl" else _ONEDNN_PACK(source, rows)
-        self._packed = _Packed(kind, packed, source, w._version, rows)
-        return self._packed
-
-    def release_packed(self) -> None:
-        """Drop the packed copy (it is rebuilt on the next CPU inference call if `prepack` is set)."""
-        self._packed = None
-
-    @property
-    def packed_bytes(self) -> int:
-        """Bytes held by the packed copy (0 when there is none)."""
-        p = self._packed
-        return 0 if p is None else p.weight.numel() * p.weight.element_size()
-
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
-        self._packed = None  # .to() / .cuda() / .half() ...: the pack belongs to the old tensors
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state["_packed"] = None  # opaque oneDNN/MKL tensors can neither be pickled nor deep-copied
-        return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,20 +245,15 @@ class WanBlock(nn.Module):
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.unbind(1)  # each (B, 1, d)
 
         # 1. self-attention, gated
-        h = _norm_modulate(x, shift_a, scale_a, self.eps, dtype)
+        h = norm_modulate(x, shift_a, scale_a, self.eps, dtype)
         x = torch.addcmul(x, self.self_attn(h, rope), gate_a)
         # 2. cross-attention on the affine LayerNorm (norm3), no gate
         h = F.layer_norm(x, x.shape[-1:], self.norm3.weight.float(), self.norm3.bias.float(), self.eps)
-        # Inference updates the residual stream in place (x is this block's own tensor by now); with
-        # autograd recording, the LayerNorms above saved x for their backward, so the same sums are
-        # computed out of place (bit-identical values).
-        grad = torch.is_grad_enabled()
-        cross = self.cross_attn(h.to(dtype), context)
-        x = x + cross if grad else x.add_(cross)
+        # x is this block's own tensor from here on: `residual_add` updates it in place under inference.
+        x = residual_add(x, self.cross_attn(h.to(dtype), context))
         # 3. FFN, gated
-        h = _norm_modulate(x, shift_f, scale_f, self.eps, dtype)
-        ffn = self.ffn[2](self.ffn[0](h, gelu=True))
-        return torch.addcmul(x, ffn, gate_f) if grad else x.addcmul_(ffn, gate_f)
+        h = norm_modulate(x, shift_f, scale_f, self.eps, dtype)
+        return residual_add(x, self.ffn[2](self.ffn[0](h, gelu=True)), gate_f)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,7 +271,7 @@ class WanHead(nn.Module):
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """x: (B, L, d) fp32; e: (B, d) fp32 -> (B, L, prod(patch) * out_dim) fp32."""
         shift, scale = (self.modulation.float() + e.unsqueeze(1)).unsqueeze(2).unbind(1)  # each (B, 1, d)
-        h = _norm_modulate(x, shift, scale, self.eps, self.head.weight.dtype)
+        h = norm_modulate(x, shift, scale, self.eps, self.head.weight.dtype)
         return self.head(h).float()
 
 
@@ -452,11 +300,12 @@ class WanForwardState:
 _FP32_PARAMS = re.compile(r"^(time_embedding|time_projection|head)\.|\.modulation$|\.norm3\.|\.norm_[qk]\.")
 
 
-class WanTransformer(nn.Module):
+class WanTransformer(PackedWeights, nn.Module):
     """Wan2.1 DiT (`WanModel`, T2V); the Wan2.2 A14B experts are two instances of the same class.
 
     config: network shape; attn_fn: the self-attention function, (B, L, H, D) layout (the seam that
     context parallelism swaps). Use `from_pretrained` for checkpoints; `cast_weights` for bf16.
+    `PackedWeights` adds `set_weight_prepacking`, `release_packed_weights` and `packed_weight_bytes`.
     """
 
     latent = WAN_LATENT
@@ -497,25 +346,6 @@ class WanTransformer(nn.Module):
             for name, p in self.named_parameters():
                 p.data = p.data.to(torch.float32 if self.keep_fp32(name) else dtype)
         return self
-
-    # ---- CPU weight prepacking (see `PackedLinear`) ----
-    def set_weight_prepacking(self, enabled: bool) -> "WanTransformer":
-        """Turn the CPU prepacked-weight GEMMs on (the default) or off; off also frees the packed copies."""
-        for layer in self.modules():
-            if isinstance(layer, PackedLinear):
-                layer.prepack = enabled
-                layer.release_packed()
-        return self
-
-    def release_packed_weights(self) -> None:
-        """Free every packed weight copy (they are rebuilt on the next CPU forward while prepacking is on)."""
-        for layer in self.modules():
-            if isinstance(layer, PackedLinear):
-                layer.release_packed()
-
-    def packed_weight_bytes(self) -> int:
-        """CPU memory held by the packed weight copies, on top of the parameters."""
-        return sum(layer.packed_bytes for layer in self.modules() if isinstance(layer, PackedLinear))
 
     def set_attention(self, attn_fn: AttentionFn) -> None:
         """Swap the attention function (self- and cross-attention) of every block: the seam that context

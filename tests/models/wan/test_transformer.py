@@ -451,7 +451,7 @@ def test_packs_follow_weight_changes() -> None:
 @torch.no_grad()
 def test_builds_without_the_packing_ops_use_plain_linear(monkeypatch: pytest.MonkeyPatch) -> None:
     """A build without oneDNN/MKL (e.g. CUDA-only or ARM) falls back to F.linear (+ F.gelu)."""
-    import models.wan.transformer as wan_transformer
+    import models.cpu_linear as cpu_linear
 
     model = randomise(WanTransformer(TINY), seed=10)
     x, prompts, _ = inputs(TINY)
@@ -459,7 +459,7 @@ def test_builds_without_the_packing_ops_use_plain_linear(monkeypatch: pytest.Mon
     expected = model(x, t, prompts)
     model.release_packed_weights()
     for name in ("_ONEDNN_LINEAR", "_ONEDNN_PACK", "_MKL_LINEAR", "_MKL_PACK"):
-        monkeypatch.setattr(wan_transformer, name, None)
-    monkeypatch.setattr(wan_transformer, "_ONEDNN_BF16", False)
+        monkeypatch.setattr(cpu_linear, name, None)
+    monkeypatch.setattr(cpu_linear, "_ONEDNN_BF16", False)
     torch.testing.assert_close(model(x, t, prompts), expected, atol=1e-5, rtol=1e-5)
     assert not packed_layers(model)
