@@ -50,4 +50,4 @@ def describe(path: str | Path) -> ModelDescription:
         if module.recognises(root):
             return module.describe(root)
     raise CheckpointError(f"{root} is not a checkpoint of a known family ({', '.join(FAMILIES)}); see the README, "
-                          f"'Models and checkpoints', for the layouts each family loads")
+                          f"'Models', for the layouts each family loads")
