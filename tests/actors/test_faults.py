@@ -46,12 +46,13 @@ def _resolved(tiny_model: str, prompt: str) -> ResolvedParams:
     return GenerationParams(**{**SMALL, "prompt": prompt}).resolve(describe(tiny_model))
 
 
-def _embeddings(tiny_model: str) -> tuple[np.ndarray, np.ndarray]:
-    """Random text embeddings of the DiT's input shape (L, D): the faults do not depend on their values."""
+def _embeddings(tiny_model: str) -> tuple[dict, dict]:
+    """Random conditioning of the DiT's input shape (L, D), as the text pool sends it (named arrays): the
+    faults do not depend on its values."""
     dit = WanCheckpoint.resolve(tiny_model).preset.dit
     rng = np.random.default_rng(0)
-    return (rng.standard_normal((7, dit.text_dim)).astype(np.float32),
-            rng.standard_normal((5, dit.text_dim)).astype(np.float32))
+    return tuple({"context": rng.standard_normal((n, dit.text_dim)).astype(np.float32), "pooled": None, "mask": None}
+                 for n in (7, 5))
 
 
 @pytest.fixture(scope="module")
