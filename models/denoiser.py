@@ -20,6 +20,7 @@ from models.conditioning import Conditioning
 from models.family import LatentGeometry
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]
+"""(cos, sin) per token of a sequence, each (L, rope width) fp32; the one RoPE table type of every family."""
 
 
 @dataclass

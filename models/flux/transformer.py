@@ -51,7 +51,7 @@ from torch import nn
 from models.attention import AttentionFn, AttentionMeta, auto_attention
 from models.conditioning import Conditioning
 from models.cpu_linear import PackedLinear, PackedWeights, norm_modulate, residual_add
-from models.denoiser import TokenState
+from models.denoiser import RopeTables, TokenState
 from models.flux.checkpoint import ORIGINAL_DIT_FILES, resolve_dit
 from models.flux.config import FLUX_LATENT, FluxDiTConfig
 from models.flux.transformer_keys import diffusers_to_original, original_to_diffusers, strip_original_prefix
@@ -66,8 +66,7 @@ from models.loading import (
 
 logger = logging.getLogger(__name__)
 
-RopeTables = tuple[torch.Tensor, torch.Tensor]
-"""(cos, sin), each (S, head_dim // 2) fp32: one angle per token and interleaved channel pair."""
+# RopeTables (models.denoiser): (cos, sin), each (S, head_dim // 2) fp32, one angle per token and channel pair.
 
 TIME_CHANNELS = 256
 """Width of the timestep / guidance sinusoid (BFL `timestep_embedding(t, 256)`)."""

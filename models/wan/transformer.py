@@ -45,7 +45,7 @@ from torch import nn
 from models.attention import AttentionFn, AttentionMeta, auto_attention
 from models.conditioning import Conditioning
 from models.cpu_linear import PackedLinear, PackedWeights, norm_modulate, residual_add
-from models.denoiser import TokenState
+from models.denoiser import RopeTables, TokenState
 from models.loading import (
     CheckpointError,
     load_safetensors_dir,
@@ -59,8 +59,7 @@ from models.wan.transformer_keys import diffusers_to_original, original_to_diffu
 
 logger = logging.getLogger(__name__)
 
-RopeTables = tuple[torch.Tensor, torch.Tensor]
-"""(cos, sin), each (L, head_dim // 2) fp32: one angle per token and interleaved channel pair."""
+# RopeTables (models.denoiser): (cos, sin), each (L, head_dim // 2) fp32, one angle per token and channel pair.
 
 ROPE_MAX_POSITIONS = 1024
 """Wan's RoPE table has 1024 positions per axis; larger grids do not exist in the reference."""
