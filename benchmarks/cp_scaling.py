@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{median(times[CONCURRENT]):.3f} s; baseline / concurrent {contention:.2f}.\n"
           f"all {args.repeats} rounds: {other}; cores other processes kept busy per round (max over subjects): "
           + ", ".join(f"{max(c[i] for c in cores.values()):.2f}" for i in range(args.repeats))
-          + f".\nspread (rel. MAD) of the rounds used: "
+          + ".\nspread (rel. MAD) of the rounds used: "
           + ", ".join(f"{n} {v['spread']:.0%} ({v['rel_mad']:.0%})" for n, v in noises.items())
           + f"{'. CONTAMINATED: re-run on a quiet machine' if contaminated else ''}.\n"
           f"idle rank CPU during a baseline forward <= {max(idle, default=0.0):.3f} s; load avg 1m {load_before[0]} "

@@ -124,6 +124,7 @@ class PackedLinear(nn.Linear):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._packed: _Packed | None = None
+        self._parts: dict[tuple, _Packed] = {}  # (rows, cols) block -> its oneDNN pack (see `part`)
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         """`layer(x)`, or gelu_tanh(layer(x)) with `gelu`, in the weight dtype (x is cast to it first)."""
@@ -136,8 +137,31 @@ class PackedLinear(nn.Linear):
             return _MKL_LINEAR(x, packed.weight, self.weight, self.bias, packed.rows)
         return _ONEDNN_LINEAR(x, packed.weight, self.bias, "gelu" if gelu else "none", [], "tanh" if gelu else "")
 
-    def _packed_for(self, x: torch.Tensor, gelu: bool) -> _Packed | None:
-        """The packed weight for this call (made or rebuilt if needed), or None for the plain path."""
+    def part(self, x: torch.Tensor, rows: slice = slice(None), cols: slice = slice(None), *, gelu: bool = False,
+             bias: bool = True, accumulate: torch.Tensor | None = None) -> torch.Tensor:
+        """One block of this layer's GEMM: x @ W[rows, cols]^T (+ b[rows]), then the tanh-GELU or + `accumulate`.
+
+        Lets a model run one stored layer as several GEMMs without concatenating or splitting activations:
+        FLUX's single-stream block runs linear1's q/k/v rows and its MLP rows (with the GELU in the epilogue)
+        apart, and linear2 over the attention and the MLP column blocks, the second GEMM adding the first's
+        result in its epilogue. Each block is packed once for oneDNN (bf16 and fp32), under the same rules as
+        the whole weight (see the class docstring); the whole weight is then never packed.
+        """
+        if gelu and accumulate is not None:
+            raise ValueError("part() applies either the GELU or the accumulation, not both")
+        x = x.to(self.weight.dtype)
+        b = self.bias[rows] if (bias and self.bias is not None) else None
+        packed = self._packed_for(x, gelu, block=(rows, cols))
+        if packed is None:
+            y = F.linear(x, self.weight[rows, cols], b)
+            y = F.gelu(y, approximate="tanh") if gelu else y
+            return y if accumulate is None else y + accumulate
+        if accumulate is not None:
+            return _ONEDNN_LINEAR.binary(x, accumulate.to(x.dtype), packed.weight, b, "add")
+        return _ONEDNN_LINEAR(x, packed.weight, b, "gelu" if gelu else "none", [], "tanh" if gelu else "")
+
+    def _packed_for(self, x: torch.Tensor, gelu: bool, block: tuple[slice, slice] | None = None) -> _Packed | None:
+        """The packed weight (or weight block) for this call, made or rebuilt if needed; None for the plain path."""
         w, dtype = self.weight, self.weight.dtype
         rows = x.numel() // max(x.shape[-1], 1)
         if not (self.prepack and x.device.type == "cpu" and rows >= self.min_rows):
@@ -147,6 +171,9 @@ class PackedLinear(nn.Linear):
             return None  # the packed ops have no backward
         if torch.compiler.is_compiling():
             return None  # Inductor packs weights itself
+        if block is not None:
+            return self._packed_block(block, rows) if _ONEDNN_PACK is not None and (
+                dtype == torch.float32 or (dtype == torch.bfloat16 and _ONEDNN_BF16)) else None
         if dtype == torch.bfloat16 and _ONEDNN_BF16:
             kind = "onednn"
         elif dtype == torch.float32 and gelu and _ONEDNN_PACK is not None:
@@ -156,9 +183,7 @@ class PackedLinear(nn.Linear):
         else:
             return None
         p = self._packed
-        if (p is not None and p.kind == kind and p.source.data_ptr() == w.data_ptr() and p.source.dtype == dtype
-                and p.source.device == w.device and p.source.shape == w.shape and p.version == w._version
-                and (kind == "onednn" or p.rows == rows)):
+        if self._current(p, kind) and (kind == "onednn" or p.rows == rows):
             return p
         self._packed = None  # free the stale copy before making the new one
         with torch.inference_mode(False), torch.no_grad():
@@ -167,23 +192,43 @@ class PackedLinear(nn.Linear):
         self._packed = _Packed(kind, packed, source, w._version, rows)
         return self._packed
 
+    def _packed_block(self, block: tuple[slice, slice], rows: int) -> _Packed:
+        """The oneDNN pack of the weight block W[block] (see `part`)."""
+        key = tuple((s.start, s.stop, s.step) for s in block)
+        p = self._parts.get(key)
+        if self._current(p, "onednn"):
+            return p
+        self._parts.pop(key, None)
+        with torch.inference_mode(False), torch.no_grad():
+            source = self.weight.detach()
+            packed = _ONEDNN_PACK(source[block].contiguous(), rows)
+        self._parts[key] = _Packed("onednn", packed, source, source._version, rows)
+        return self._parts[key]
+
+    def _current(self, p: _Packed | None, kind: str) -> bool:
+        """Whether pack `p` was made, as `kind`, from the weight as it is now."""
+        w = self.weight
+        return (p is not None and p.kind == kind and p.source.data_ptr() == w.data_ptr() and p.source.dtype == w.dtype
+                and p.source.device == w.device and p.source.shape == w.shape and p.version == w._version)
+
     def release_packed(self) -> None:
-        """Drop the packed copy (it is rebuilt on the next CPU inference call if `prepack` is set)."""
+        """Drop the packed copies (they are rebuilt on the next CPU inference call if `prepack` is set)."""
         self._packed = None
+        self._parts = {}
 
     @property
     def packed_bytes(self) -> int:
-        """Bytes held by the packed copy (0 when there is none)."""
-        p = self._packed
-        return 0 if p is None else p.weight.numel() * p.weight.element_size()
+        """Bytes held by the packed copies (0 when there are none)."""
+        packs = [p for p in (self._packed, *self._parts.values()) if p is not None]
+        return sum(p.weight.numel() * p.weight.element_size() for p in packs)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
-        self._packed = None  # .to() / .cuda() / .half() ...: the pack belongs to the old tensors
+        self.release_packed()  # .to() / .cuda() / .half() ...: the packs belong to the old tensors
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state["_packed"] = None  # opaque oneDNN/MKL tensors can neither be pickled nor deep-copied
+        state["_packed"], state["_parts"] = None, {}  # opaque oneDNN/MKL tensors can't be pickled or deep-copied
         return state
 
 

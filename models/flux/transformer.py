@@ -170,7 +170,14 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), x.shape[-1:], self.scale.float(), NORM_EPS)
+        # 1 / rms from the L2 norm (one read pass; F.rms_norm on CPU writes a new tensor per step), then the
+        # fp32 copy of a bf16 x is scaled in place: 3.9x faster for a (1, 1536, 24, 128) q, same values to 1 ulp
+        xf = x.float()
+        inv_rms = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1])
+                              .add_(NORM_EPS))
+        if xf is x or torch.is_grad_enabled():
+            return xf * inv_rms * self.scale.float()
+        return xf.mul_(inv_rms).mul_(self.scale)
 
 
 class QKNorm(nn.Module):
@@ -190,13 +197,34 @@ def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.
     return qkv.unflatten(-1, (3, num_heads, -1)).unbind(2)
 
 
-def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: RopeTables,
+def joint_attention(qs: list[torch.Tensor], ks: list[torch.Tensor], vs: list[torch.Tensor], rope: RopeTables,
                     attn_fn: AttentionFn, layer: int, text_len: int) -> torch.Tensor:
-    """q, k fp32 (B, S, H, D) after their norms, text rows first; RoPE, then `attn_fn` in v's dtype -> (B, S, H*D)."""
-    dtype = v.dtype
+    """Attention over the concatenation of the streams' tokens, text rows first -> (B, S, H*D) in v's dtype.
+
+    qs, ks: each stream's normed q and k (fp32, (B, S_i, H, D)), vs its v, in sequence order: the double block
+    passes [text, image], the single block its one joint stream. RoPE rotates q and k, then `attn_fn` runs.
+    """
+    dtype = vs[0].dtype
     meta = AttentionMeta(layer=layer, kind="joint", text_len=text_len)
-    out = attn_fn(apply_rope(q, rope).to(dtype), apply_rope(k, rope).to(dtype), v, meta)
+    out = attn_fn(joined_heads(qs, dtype, rope), joined_heads(ks, dtype, rope), joined_heads(vs, dtype), meta)
     return out.flatten(2)
+
+
+def joined_heads(parts: list[torch.Tensor], dtype: torch.dtype, rope: RopeTables | None = None) -> torch.Tensor:
+    """torch.cat(parts, 1) in `dtype`, each part rotated by its rows of `rope` first -> (B, S, H, D).
+
+    Written straight into one buffer (no separate concatenation pass), stored head-major, (B, H, S, D) in
+    memory: the layout CPU SDPA reads fastest (about 8% faster at FLUX's shapes than token-major).
+    """
+    batch, _, heads, head_dim = parts[0].shape
+    total = sum(part.shape[1] for part in parts)
+    out = torch.empty(batch, heads, total, head_dim, dtype=dtype, device=parts[0].device).transpose(1, 2)
+    start = 0
+    for part in parts:
+        stop = start + part.shape[1]
+        out[:, start:stop] = part if rope is None else apply_rope(part, (rope[0][start:stop], rope[1][start:stop]))
+        start = stop
+    return out
 
 
 class SelfAttention(nn.Module):
@@ -251,8 +279,8 @@ class DoubleStreamBlock(nn.Module):
         img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1, dtype))
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1, dtype))
         text_len = txt.shape[1]
-        attn = joint_attention(torch.cat([txt_q, img_q], 1), torch.cat([txt_k, img_k], 1),
-                               torch.cat([txt_v, img_v], 1), rope, self.attn_fn, self.layer, text_len)
+        attn = joint_attention([txt_q, img_q], [txt_k, img_k], [txt_v, img_v], rope, self.attn_fn, self.layer,
+                               text_len)
         txt_attn, img_attn = attn[:, :text_len], attn[:, text_len:]
         # 2. gated residuals: attention, then the MLP, per stream. The first sum makes the block's own
         # fp32 tensors (the inputs stay untouched); `residual_add` then updates those in place.
@@ -291,12 +319,16 @@ class SingleStreamBlock(nn.Module):
         text_len = txt.shape[1]
         x = torch.cat([txt, img], dim=1)
         shift, scale, gate = self.modulation(vec)
-        qkv, mlp = self.linear1(modulate(x, shift, scale, self.linear1.weight.dtype)).split(
-            [3 * self.dim, self.mlp_hidden], dim=-1)
-        q, k, v = split_heads(qkv, self.num_heads)
-        attn = joint_attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope, self.attn_fn, self.layer,
-                               text_len)
-        out = self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
+        h = modulate(x, shift, scale, self.linear1.weight.dtype)
+        qkv_rows, attn_cols = slice(0, 3 * self.dim), slice(0, self.dim)
+        # linear1 -> (qkv, mlp) and gelu(mlp), as two GEMMs over linear1's row blocks (the GELU in the epilogue)
+        q, k, v = split_heads(self.linear1.part(h, qkv_rows), self.num_heads)
+        mlp = self.linear1.part(h, slice(qkv_rows.stop, None), gelu=True)
+        attn = joint_attention([self.norm.query_norm(q)], [self.norm.key_norm(k)], [v], rope, self.attn_fn,
+                               self.layer, text_len)
+        # linear2(cat(attn, mlp)) as two GEMMs over linear2's column blocks, the second adding the first
+        out = self.linear2.part(attn, cols=attn_cols)
+        out = self.linear2.part(mlp, cols=slice(attn_cols.stop, None), bias=False, accumulate=out)
         x = residual_add(x, out, gate)  # x is the block's own concatenation: in place under inference
         return x[:, text_len:], x[:, :text_len]
 

@@ -57,7 +57,7 @@ from models.wan.text_encoder import WanTextEncoder
 from models.wan.tiny import shapes
 from models.wan.tokenizer import build_word_tokenizer
 from models.wan.transformer import WanTransformer
-from models.wan.vae import AttentionBlock, CausalConv3d, FeatureCache, Resample, ResidualBlock, WanVAE
+from models.wan.vae import AttentionBlock, FeatureCache, Resample, ResidualBlock, WanVAE
 
 logger = logging.getLogger("models.wan.tiny.train")
 
