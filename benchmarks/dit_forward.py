@@ -268,6 +268,16 @@ def flux_config(args: argparse.Namespace) -> FluxDiTConfig:
 # ---------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------
+def matmul_units() -> list[str]:
+    """The CPU's bf16 matrix/vector extensions (AMX, AVX-512 BF16, ...): they set the GEMM peak, and with it
+    how much of a forward is GEMM and how much elementwise work (so results differ between machine kinds)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].splitlines()[0].split()
+    except (OSError, IndexError):
+        return []
+    return [f for f in ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2") if f in flags]
+
+
 def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
     start = time.perf_counter()
     out = fn()
@@ -441,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
         "family": args.family,
         "config": config_record(args),
         "machine": {"threads": args.threads, "torch": torch.__version__,
-                    "cpu": platform.processor() or platform.machine(),
+                    "cpu": platform.processor() or platform.machine(), "matmul_units": matmul_units(),
                     "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
                     "note": "shared machine; other jobs may have been running"},
         "command": "benchmarks/dit_forward.py " + " ".join(argv if argv is not None else sys.argv[1:]),

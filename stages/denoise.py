@@ -105,6 +105,9 @@ class DenoiseStage:
     def start(self, params: ResolvedParams, embeddings: PromptEmbeddings,
               latents: torch.Tensor | None = None) -> DenoiseJob:
         """A job at step 0; `latents` overrides the seeded noise (used by parity tests)."""
+        if params.guidance != self.guidance:
+            raise ValueError(f"the parameters were resolved for a model with {params.guidance!r} guidance, but this "
+                             f"DiT's guidance is {self.guidance!r}: resolve them against this model's description")
         if params.guided and self.guidance == "cfg" and embeddings.negative is None:
             raise ValueError("guided denoising needs negative-prompt embeddings")
         sampler = make_sampler(params.sampler, params.num_inference_steps, params.shift)

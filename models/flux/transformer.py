@@ -21,10 +21,13 @@ enter the sinusoid in fp32: with bf16 activations both references round 1000 * s
 
 Speed (benchmarks/dit_forward.py --family flux), with the math unchanged: on CPU every GEMM of at least 32 rows
 multiplies by a weight prepacked once (`PackedLinear` in models/cpu_linear.py, shared with Wan; a second copy
-of the weights), the MLPs' first GEMM carries the tanh-GELU in its epilogue, the adaLN modulation is the affine
-part of the LayerNorm, RoPE is one complex product with its tables cached per (text_len, grid), and without
-autograd the residual streams are updated in place once a block has made its own copy (the block's inputs are
-never written). With autograd recording, all of this falls back to the plain out-of-place ops.
+of the weights), the MLPs' first GEMM carries the tanh-GELU in its epilogue, the single block runs its two
+fused layers as GEMMs over their row / column blocks (`PackedLinear.part`: the GELU in linear1's MLP
+epilogue, linear2 without concatenating its input), the joint q/k/v are written straight into one head-major
+buffer (no concatenation, the layout CPU SDPA reads fastest), the adaLN modulation is the affine part of the
+LayerNorm, RoPE is one complex product with its tables cached per (text_len, grid), and without autograd the
+residual streams are updated in place once a block has made its own copy (the block's inputs are never
+written). With autograd recording, all of this falls back to the plain out-of-place ops.
 
 Block protocol, for block-loop runners, feature caches and context parallelism that must not edit this file:
 `state = model.prepare(latents, t, context, pooled, guidance)`, then

@@ -129,3 +129,15 @@ def test_cli_two_local_ranks_ring_give_the_single_rank_image(home: Path, release
     assert one.shape == two.shape == (1, 48, 64, 3)
     assert np.abs(one - two).max() <= 1 and (one == two).mean() > 0.99
     assert json.loads((home / "two.json").read_text())["parallel_layout"] == "ring2"
+
+
+def test_params_resolved_for_another_guidance_kind_are_refused(release: tuple[Path, str]) -> None:
+    """A denoise stage refuses parameters resolved against a model with another guidance kind."""
+    root, _ = release
+    ours = Pipeline.from_pretrained(root)
+    resolved = ours.resolve({"prompt": PROMPT, "seed": 1})
+    embeddings = ours.text_stage.run([(PROMPT, None)])[0]
+    ours.denoise_stage.start(resolved, embeddings)  # its own resolution is accepted
+    other = "cfg" if resolved.guidance != "cfg" else "none"
+    with pytest.raises(ValueError, match=f"resolved for a model with '{other}' guidance"):
+        ours.denoise_stage.start(resolved.model_copy(update={"guidance": other}), embeddings)
