@@ -47,7 +47,7 @@ from actors.config import LimitsConfig, ServiceConfig
 from actors.engine import JobNotFound, QueueFull, StageEngine
 from actors.job_store import JobRecord, JobStatus
 from models.family import FrameRule, ModelDescription
-from stages.params import GenerationParams, model_rules
+from stages.params import GenerationParams, describe_cache_error, model_rules
 
 logger = logging.getLogger("ray.serve")
 
@@ -106,7 +106,10 @@ def _refusal_422(exc: pydantic.ValidationError | RequestValidationError,
             continue
         seen.add(field)
         msg = f"{field}: {error.get('msg')}, got {_describe(error.get('input'))}" if field else str(error.get("msg"))
-        if rules is not None:
+        full_loc = tuple(part for part in error.get("loc", ()) if part not in ("body", "query", "path"))
+        if field == "cache" and (len(full_loc) > 1 or error["type"].startswith("union_tag")):
+            msg = f"{describe_cache_error(full_loc, error['type'])}, got {_describe(error.get('input'))}"
+        elif rules is not None:
             if error["type"] == "extra_forbidden":
                 msg = f"unknown field {field!r}; allowed fields are {', '.join(rules)}"
             elif error["type"] == "missing":

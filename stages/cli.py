@@ -21,6 +21,7 @@ import pydantic
 import torch
 from tqdm import tqdm
 
+from flexcache.spec import parse_cache_option
 from models.loading import CheckpointError
 from parallel.launch import run_local
 from parallel.mesh import LayoutError, ParallelLayout, resolve_layout
@@ -45,7 +46,15 @@ PARAM_FLAGS = {
     "shift": "shift",
     "sampler": "sampler",
     "seed": "seed",
+    "cache": "cache",
 }
+
+
+def _cache_option(text: str) -> dict[str, Any]:
+    try:
+        return parse_cache_option(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--shift", type=float, help="flow-matching timestep shift")
     gen.add_argument("--sampler", choices=SAMPLER_NAMES, help="default: the model's (Wan: unipc; FLUX.1: flowmatch-euler)")
     gen.add_argument("--seed", type=int, help="default: random (recorded in the sidecar)")
+    gen.add_argument("--cache", type=_cache_option, metavar="KIND[:key=value,...]",
+                     help="feature cache, e.g. fbcache:threshold=0.08 (default: none, every block computed)")
     gen.add_argument("--out", type=Path, default=None,
                      help="output file (.mp4, or .png for one frame); a JSON sidecar is written next to it")
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -151,6 +162,7 @@ def generate(args: argparse.Namespace) -> int:
         "parallel_layout": str(layout),
         "timings_s": {k: round(v, 4) for k, v in run["timings"].items()},
         "memory": run["memory"],
+        "cache": run["cache"],
     }
     sidecar = write_sidecar(media, record)
     print(f"wrote {media} and {sidecar} ({run['timings']['total']:.1f} s)")
@@ -175,7 +187,7 @@ def _generate_on_rank(rank: int, world_size: int, model: str, dtype: str | None,
     bar.close()
     if rank != 0:
         return None
-    return {"frames": result.frames, "timings": result.timings, "memory": peak_memory_mb(device),
+    return {"frames": result.frames, "timings": result.timings, "memory": peak_memory_mb(device), "cache": result.cache,
             "dtype": str(next(pipeline.denoise_stage.experts[0].parameters()).dtype).removeprefix("torch.")}
 
 

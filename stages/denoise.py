@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from flexcache.hooks import NO_HOOKS
+from flexcache.strategy import CacheStrategy, make_strategy
 from models.attention import AttentionFn, auto_attention
 from models.denoiser import BlockDenoiser
 from models.family import GuidanceKind, LatentGeometry, ModelDescription
@@ -51,6 +53,8 @@ class DenoiseJob:
     latents: torch.Tensor
     step: int = 0
     step_times: list[float] = field(default_factory=list)
+    cache: CacheStrategy | None = None  # the request's feature cache and its state (params.cache)
+    expert: int = 0  # the expert the last step ran (a switch resets the cache)
 
     @property
     def total_steps(self) -> int:
@@ -112,18 +116,21 @@ class DenoiseStage:
             raise ValueError("guided denoising needs negative-prompt embeddings")
         sampler = make_sampler(params.sampler, params.num_inference_steps, params.shift)
         noise = initial_noise(params, self.latent) if latents is None else latents.to(torch.float32)
-        return DenoiseJob(params, embeddings, sampler, noise)
+        return DenoiseJob(params, embeddings, sampler, noise, cache=make_strategy(params.cache))
 
-    def _expert_and_guidance(self, timestep: float, params: ResolvedParams) -> tuple[BlockRunner, float]:
+    def _expert_and_guidance(self, timestep: float, params: ResolvedParams) -> tuple[int, float]:
         if self.boundary is None or timestep >= self.boundary * 1000:
-            return self._runners[0], params.guidance_scale
-        return self._runners[1], params.guidance_scale_2
+            return 0, params.guidance_scale
+        return 1, params.guidance_scale_2
 
     @torch.inference_mode()
     def velocity(self, job: DenoiseJob, timestep: torch.Tensor) -> torch.Tensor:
         """The model's velocity at one timestep; under CFG v_u + g * (v_c - v_u), from one batched forward
         of both branches."""
-        runner, scale = self._expert_and_guidance(float(timestep), job.params)
+        expert, scale = self._expert_and_guidance(float(timestep), job.params)
+        if expert != job.expert and job.cache is not None:
+            job.cache.reset()  # the other expert's activations are not comparable with this one's
+        job.expert = expert
         x = job.latents.to(self.device)[None]
         branches = [job.embeddings.positive]
         if self.guidance == "cfg" and scale != 1.0:
@@ -132,7 +139,9 @@ class DenoiseStage:
         t = timestep.to(self.device).reshape(1).expand(batch)
         guidance = torch.full((batch,), scale, device=self.device) if self.guidance == "distilled" else None
         conditioning = [c.to(self.device) for c in branches]
-        v = runner(x.expand(batch, *x.shape[1:]), t, conditioning, guidance, step=job.step).float()
+        hooks = job.cache if job.cache is not None else NO_HOOKS
+        v = self._runners[expert](x.expand(batch, *x.shape[1:]), t, conditioning, guidance, hooks=hooks,
+                                  step=job.step).float()
         if batch == 1:
             return v[0]
         v_cond, v_uncond = v[0], v[1]

@@ -34,6 +34,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from flexcache.spec import CacheSpec, describe_cache_error, describe_cache_rule
 from models.family import GuidanceKind, ModelDescription
 from stages.sampler_names import SAMPLER_NAMES, SamplerName
 
@@ -64,6 +65,7 @@ FIELD_RULES: dict[str, str] = {
     "shift": f"a number greater than 0 and at most {MAX_SHIFT:g}",
     "seed": f"an integer between 0 and 2**63-1 ({MAX_SEED}), or null for a random seed",
     "sampler": "one of " + ", ".join(repr(n) for n in SAMPLER_NAMES),
+    "cache": describe_cache_rule(),
 }
 _NUMERIC_FIELDS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "guidance_scale_2",
                    "shift", "seed")
@@ -82,7 +84,10 @@ def _readable_error(error: Any) -> InitErrorDetails:
     loc = tuple(error["loc"])
     field = str(loc[0]) if loc else ""
     got = _describe(error.get("input"))
-    if error["type"] == "extra_forbidden":
+    if field == "cache" and (len(loc) > 1 or error["type"] in ("union_tag_invalid", "union_tag_not_found")):
+        custom = PydanticCustomError("invalid_cache", "{rule}, got {got}",
+                                     {"rule": describe_cache_error(loc, error["type"]), "got": got})
+    elif error["type"] == "extra_forbidden":
         custom = PydanticCustomError(
             "unknown_field", "unknown field '{field}'; allowed fields are {allowed}",
             {"field": field, "allowed": ", ".join(FIELD_RULES)},
@@ -144,6 +149,12 @@ class GenerationParams(BaseModel):
     sampler: SamplerName | None = Field(
         None, description="Flow-matching sampler, one of the model family's: Wan 'unipc' (default), 'dpm++' or "
                           "'euler'; FLUX.1 'flowmatch-euler'. Null: the model's default.")
+    cache: CacheSpec | None = Field(
+        None, description="Feature cache: reuse work between denoising steps whose activations barely change "
+                          "(faster, slightly different output). Null: compute every block of every step. "
+                          "{\"kind\": \"fbcache\", \"threshold\": 0.08}: always run the first block and "
+                          "reuse the others' residual while the first block's residual changes by less than "
+                          "the threshold.")
 
     @field_validator(*_NUMERIC_FIELDS, mode="before")
     @classmethod
@@ -236,6 +247,7 @@ class GenerationParams(BaseModel):
             seed=seed,
             sampler=self.sampler if self.sampler is not None else defaults.sampler,  # type: ignore[arg-type]
             fps=defaults.fps,
+            cache=self.cache,
         )
 
 
@@ -272,7 +284,8 @@ class ResolvedParams(BaseModel):
     it existed); guidance_scale is the CFG or distilled scale (1.0 with guidance "none");
     guidance_scale_2 equals guidance_scale for single-expert models; shift is the value that ran
     (a dynamic rule evaluated at height x width); fps is the model's output frame rate (not a user
-    param, recorded so the video file and metadata agree).
+    param, recorded so the video file and metadata agree); cache is the feature cache that ran (None:
+    none).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -290,6 +303,7 @@ class ResolvedParams(BaseModel):
     seed: int
     sampler: SamplerName
     fps: int
+    cache: CacheSpec | None = None
 
     @property
     def guided(self) -> bool:

@@ -29,12 +29,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class GenerationResult:
-    """frames: (T, H, W, 3) uint8; timings: seconds per stage plus 'total'."""
+    """frames: (T, H, W, 3) uint8; timings: seconds per stage plus 'total'; cache: what the feature cache
+    computed and reused (`flexcache.strategy.CacheStats.as_dict`), None without one."""
 
     frames: np.ndarray
     params: ResolvedParams
     timings: dict[str, float] = field(default_factory=dict)
     latents: torch.Tensor | None = None
+    cache: dict[str, int] | None = None
 
 
 class Pipeline:
@@ -91,11 +93,13 @@ class Pipeline:
         timings["text_encode"] = time.perf_counter() - start
 
         mark = time.perf_counter()
-        final_latents = self.denoise_stage.run(resolved, embeddings, progress=progress, latents=latents)
+        job = self.denoise_stage.run_steps(self.denoise_stage.start(resolved, embeddings, latents), progress=progress)
+        final_latents = job.latents
         timings["denoise"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
         frames = self.decode_stage.run(final_latents, parallel=self.mesh is not None)
         timings["decode"] = time.perf_counter() - mark
         timings["total"] = time.perf_counter() - start
-        return GenerationResult(frames, resolved, timings, final_latents)
+        cache = job.cache.stats.as_dict() if job.cache is not None else None
+        return GenerationResult(frames, resolved, timings, final_latents, cache)

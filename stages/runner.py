@@ -11,56 +11,21 @@ work must make every rank decide alike (flexcache/ agrees through a collective).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import replace
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from flexcache.hooks import NO_HOOKS, ForwardHooks, StepInfo, Streams
 from models.attention import AttentionFn, AttentionMeta, auto_attention
 from models.conditioning import Conditioning
 from models.denoiser import BlockDenoiser
 from parallel.attention import ContextParallelAttention
-from parallel.dit import all_gather_cat, shard_rope, take_shard
+from parallel.dit import all_gather_cat, shard_bounds, shard_rope, take_shard
 from parallel.mesh import ParallelMesh
 
 logger = logging.getLogger(__name__)
-
-Streams = tuple[torch.Tensor, "torch.Tensor | None"]
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What a hook knows about the forward it is in: the step index (-1 outside a sampler loop), the
-    timestep value (1000 * sigma), and how many branches (CFG: 2) the batch holds on this rank."""
-
-    step: int
-    timestep: float
-    branches: int
-
-
-class ForwardHooks:
-    """The hook points of a forward; the defaults compute everything. Subclass and override.
-
-    step(info, compute) -> velocity: around one whole forward (a step-level cache may return a stored
-    velocity instead of calling compute); block(info, index, block, compute, img, txt) -> (img, txt):
-    around one block; attention(info, meta, compute, q, k, v) -> out: around one attention call.
-    """
-
-    def step(self, info: StepInfo, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        return compute()
-
-    def block(self, info: StepInfo, index: int, block: nn.Module, compute: Callable[..., Streams],
-              img: torch.Tensor, txt: torch.Tensor | None) -> Streams:
-        return compute(img, txt)
-
-    def attention(self, info: StepInfo, meta: AttentionMeta, compute: AttentionFn, q: torch.Tensor,
-                  k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return compute(q, k, v, meta)
-
-
-NO_HOOKS = ForwardHooks()
-
 
 class BlockRunner:
     """Runs forwards of one DiT module (`BlockDenoiser`), on one rank or on every rank of `mesh` together.
@@ -81,6 +46,15 @@ class BlockRunner:
         self._info = StepInfo(-1, 0.0, 1)
         self._warned_unguided = False
         model.set_attention(self._seam)
+
+    def _reduce(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum `values` over the ranks that share this forward's tokens (the sequence-parallel group)."""
+        mesh = self.mesh
+        if mesh is None or mesh.layout.sp_degree == 1:
+            return values
+        summed = values.clone()
+        torch.distributed.all_reduce(summed, group=mesh.sp_group)
+        return summed
 
     def _seam(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
         return self._hooks.attention(self._info, meta, self._inner, q, k, v)
@@ -109,7 +83,9 @@ class BlockRunner:
 
     def _run(self, latents: torch.Tensor, t: torch.Tensor, conditioning: Sequence[Conditioning],
              guidance: torch.Tensor | None, hooks: ForwardHooks, step: int) -> torch.Tensor:
-        self._hooks, self._info = hooks, StepInfo(step, float(t.reshape(-1)[0]), latents.shape[0])
+        self._hooks = hooks
+        self._info = StepInfo(step, float(t.reshape(-1)[0]), latents.shape[0], len(self.model.blocks),
+                              self._reduce)
         try:
             return hooks.step(self._info, lambda: self._forward(latents, t, conditioning, guidance, hooks))
         finally:
@@ -127,6 +103,8 @@ class BlockRunner:
                 take_shard(state.img, 1, seq_len, degree, index),
                 tuple(shard_rope(table, state.text_len, seq_len, degree, index) for table in state.rope))
             self._cp_attention.seq_len = seq_len  # type: ignore[union-attr]
+            start, stop, _ = shard_bounds(seq_len, degree, index)
+            self._info = replace(self._info, real_tokens=max(min(stop, seq_len) - start, 0))
         img, txt = state.img, state.txt
         for index, block in enumerate(model.blocks):
             def compute(img: torch.Tensor, txt: torch.Tensor | None, block: nn.Module = block) -> Streams:

@@ -173,6 +173,25 @@ def test_stages_actors_and_the_service_reach_families_only_through_the_registry(
     assert _FAMILY_IMPORT.search("from models.wan.family import describe")
 
 
+_UPWARD_IMPORT = re.compile(r"^\s*(?:from|import)\s+(stages|actors|serve_app|ray)\b", re.MULTILINE)
+
+
+def test_flexcache_imports_only_downward_and_knows_no_family() -> None:
+    """flexcache/ sits beside parallel/: it may use torch and models' family-neutral core, never the stages,
+    the actors, the service, Ray or a family's package (strategies work on any family's block protocol)."""
+    files = sorted((ROOT / "flexcache").glob("*.py"))
+    found = [f"{path.relative_to(ROOT)} imports {m}" for path in files for m in _UPWARD_IMPORT.findall(path.read_text())]
+    found += [f"{path.relative_to(ROOT)} imports models.{m}" for path in files
+              for m in _FAMILY_IMPORT.findall(path.read_text())]
+    assert not found, "\n".join(found)
+    assert _UPWARD_IMPORT.search("from stages.runner import BlockRunner")  # the check can fail
+
+
+def test_the_cache_spec_imports_no_torch() -> None:
+    """The ingress validates `cache` with flexcache.spec: it must stay torch-free."""
+    _assert_not_loaded("import flexcache.spec", HEAVY, must_load=())
+
+
 # ---- no citations of files outside the repository ---------------------------------------------------------
 
 # Notes kept outside this repository (the names are assembled so that this file does not cite them).

@@ -83,6 +83,20 @@ def test_validation_and_unknown_ids(service: str) -> None:
         assert missing["code"] == "not_found" and missing["param"] == "video_id"
 
 
+def test_a_request_with_a_feature_cache(service: str) -> None:
+    """`cache` travels with the job to the DiT ranks; the resolved params record it; a bad knob is a 422."""
+    cache = {"kind": "fbcache", "threshold": 0.5}
+    with httpx.Client(base_url=service, timeout=60) as client:
+        created = client.post("/v1/videos", json={"prompt": "a red circle moving left", **SMALL, "cache": cache})
+        assert created.status_code == 200, created.text
+        final = _wait(client, created.json()["id"])
+        assert final["status"] == "completed", final
+        assert final["params"]["cache"] == cache
+        bad = client.post("/v1/videos", json={"prompt": "x", "cache": {"kind": "fbcache", "threshold": 3}})
+        assert bad.status_code == 422 and bad.json()["error"]["param"] == "cache"
+        assert "cache.threshold must be a number between 0 and 1" in bad.json()["error"]["message"]
+
+
 def test_open_without_keys(service: str) -> None:
     """Keys are off by default: no security scheme, any (or no) Authorization header is fine."""
     with httpx.Client(base_url=service, timeout=30) as client:

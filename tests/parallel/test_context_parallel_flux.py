@@ -52,7 +52,7 @@ def _stage(mesh: ParallelMesh | None = None):
     return DenoiseStage([model], mesh=mesh, guidance="distilled")
 
 
-def _job(stage):
+def _job(stage, cache: dict | None = None):
     """A flowmatch-euler job with FLUX.1-dev's distilled guidance and its dynamic shift for this size."""
     from models.conditioning import Conditioning
     from stages.embeddings import PromptEmbeddings
@@ -63,7 +63,7 @@ def _job(stage):
     params = ResolvedParams(prompt="p", negative_prompt="", height=HEIGHT, width=WIDTH, num_frames=1,
                             num_inference_steps=STEPS, guidance_scale=3.5, guidance_scale_2=3.5,
                             shift=flux_shift(flux_image_seq_len(HEIGHT, WIDTH)), seed=3, sampler="flowmatch-euler",
-                            fps=1, guidance="distilled")
+                            fps=1, guidance="distilled", cache=cache)
     generator = torch.Generator().manual_seed(11)
     prompt = Conditioning(torch.randn(TEXT_LEN, config.context_dim, generator=generator),
                           torch.randn(config.pooled_dim, generator=generator))
@@ -74,6 +74,18 @@ def _denoise(stage) -> np.ndarray:
     return stage.run_steps(_job(stage)).latents.numpy()
 
 
+CACHE_THRESHOLDS = (0.0, 0.85)  # this model's changes: 0.87, 0.83 -> one step computed, one reused
+
+
+def _denoise_cached(stage) -> dict[str, object]:
+    """FBCache at each of CACHE_THRESHOLDS: latents, each step's relative change and the counts."""
+    out: dict[str, object] = {}
+    for threshold in CACHE_THRESHOLDS:
+        job = stage.run_steps(_job(stage, {"kind": "fbcache", "threshold": threshold}))
+        out[f"fbcache{threshold}"] = (job.latents.numpy(), job.cache.changes, job.cache.stats.as_dict())
+    return out
+
+
 def _all_layouts(rank: int, world: int) -> dict[str, np.ndarray]:
     """On every rank: build each layout's mesh over its first ranks and denoise with it."""
     torch.set_num_threads(1)
@@ -81,7 +93,9 @@ def _all_layouts(rank: int, world: int) -> dict[str, np.ndarray]:
     for name, layout in LAYOUTS.items():
         mesh = ParallelMesh.build(layout, ranks=range(layout.world_size))
         if mesh is not None:
-            results[name] = _denoise(_stage(mesh))
+            stage = _stage(mesh)
+            results[name] = _denoise(stage)
+            results[name + "/cache"] = _denoise_cached(stage)
     return results
 
 
@@ -112,3 +126,30 @@ def test_the_denoising_moves_the_latents(reference) -> None:
     stage = _stage()
     noise = _job(stage).latents.numpy()
     assert float(np.abs(reference - noise).max()) > 0.5
+
+
+@pytest.fixture(scope="module")
+def cached_reference() -> dict[str, object]:
+    return _denoise_cached(_stage())
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_fbcache_decides_on_every_rank_as_on_one(name: str, parallel_results, reference, cached_reference) -> None:
+    """Threshold 0 is the uncached parallel run bit for bit; at 0.85 every rank measures the same relative
+    change as one rank (sums over all ranks' tokens), so all take the single rank's decisions."""
+    layout = LAYOUTS[name]
+    per_rank = [parallel_results[rank][name + "/cache"] for rank in range(layout.world_size)]
+    latents0, _, stats0 = per_rank[0]["fbcache0.0"]
+    np.testing.assert_array_equal(latents0, parallel_results[0][name])
+    assert stats0["forwards_reused"] == 0
+    ref_latents, ref_changes, ref_stats = cached_reference["fbcache0.85"]
+    assert ref_stats["forwards_reused"] > 0, "the threshold must make the single rank reuse something"
+    for rank, results in enumerate(per_rank):
+        latents, changes, stats = results["fbcache0.85"]
+        decisions = {k: v for k, v in stats.items() if k != "peak_extra_bytes"}
+        assert decisions == {k: v for k, v in ref_stats.items() if k != "peak_extra_bytes"}, \
+            f"{name}: rank {rank} took other decisions"
+        assert 0 < stats["peak_extra_bytes"] < ref_stats["peak_extra_bytes"]  # a rank caches its shard only
+        np.testing.assert_allclose(np.array(changes[1:]), np.array(ref_changes[1:]), rtol=1e-5)
+        diff = float(np.abs(latents - ref_latents).max())
+        assert diff <= TOLERANCE, f"{name}: rank {rank} cached latents differ by {diff:.3g}"

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from flexcache.hooks import ForwardHooks, StepInfo
 from models.attention import AttentionMeta
 from models.conditioning import Conditioning
 from models.flux.config import FLUX_TINY
@@ -16,7 +17,7 @@ from models.flux.transformer import FluxTransformer
 from models.random_init import randomize_parameters
 from models.wan.config import WAN_TINY
 from models.wan.transformer import WanTransformer
-from stages.runner import BlockRunner, ForwardHooks, StepInfo
+from stages.runner import BlockRunner
 
 SMALL_FLUX = replace(FLUX_TINY, hidden_size=64, num_heads=2, axes_dims_rope=(8, 12, 12), context_dim=24,
                      pooled_dim=16)

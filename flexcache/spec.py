@@ -1,0 +1,82 @@
+"""The request's `cache` parameter: which feature cache runs and its knobs, validated without torch.
+
+A user param (per request), so the ingress validates it before any DiT sees it; this module imports only
+pydantic, like the rest of the request schema. `null` (the default) computes every block of every step.
+Each kind is one model with `extra="forbid"` and bounds on every knob, discriminated by `kind`, so an
+unknown kind or knob is refused naming it. `parse_cache_option` reads the CLI form
+`KIND[:key=value,...]`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CACHE_KINDS = ("fbcache",)
+
+
+class FBCacheSpec(BaseModel):
+    """First-block cache (ParaAttention's FBCache): always run the first block; when its residual changed by
+    less than `threshold` (mean absolute change relative to the previous step's) reuse the rest of the
+    stack's residual from the last fully computed step. 0 computes everything."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["fbcache"]
+    threshold: float = Field(0.08, ge=0.0, le=1.0,
+                             description="Relative change of the first block's residual below which the "
+                                         "remaining blocks are reused; FLUX's published default 0.08, 0 off.")
+
+
+CacheSpec = Annotated[Union[FBCacheSpec], Field(discriminator="kind")]
+"""One of the cache kinds; `kind` picks the model (`CACHE_KINDS`)."""
+
+CACHE_RULES: dict[str, dict[str, str]] = {
+    "fbcache": {"threshold": "a number between 0 and 1 (0 computes every block)"},
+}
+"""kind -> knob -> what it must be, in words (for error messages and the HTTP contract)."""
+
+
+def describe_cache_rule() -> str:
+    """The `cache` field's rule in words."""
+    kinds = "; ".join(f"{{\"kind\": \"{kind}\", " + ", ".join(f"\"{k}\": {v}" for k, v in knobs.items()) + "}"
+                      for kind, knobs in CACHE_RULES.items())
+    return f"null (no feature cache) or an object, one of: {kinds}"
+
+
+def describe_cache_error(loc: tuple, error_type: str) -> str:
+    """The rule a cache error breaks, naming the knob where there is one (loc: ("cache", kind, knob, ...))."""
+    if len(loc) >= 3 and str(loc[1]) in CACHE_RULES:
+        kind, knob = str(loc[1]), str(loc[2])
+        if knob in CACHE_RULES[kind]:
+            return f"cache.{knob} must be {CACHE_RULES[kind][knob]} for {kind}"
+        return f"cache has no knob {knob!r} for {kind}; its knobs are {', '.join(CACHE_RULES[kind])}"
+    if error_type in ("union_tag_invalid", "union_tag_not_found"):
+        return f"cache.kind must be one of {', '.join(repr(k) for k in CACHE_KINDS)}"
+    return f"cache must be {describe_cache_rule()}"
+
+
+def parse_cache_option(text: str) -> dict[str, Any]:
+    """`KIND[:key=value,...]` (the CLI's --cache) -> the request's `cache` object; values are numbers.
+
+    >>> parse_cache_option("fbcache:threshold=0.12")
+    {'kind': 'fbcache', 'threshold': 0.12}
+    """
+    kind, _, rest = text.partition(":")
+    spec: dict[str, Any] = {"kind": kind.strip()}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--cache takes KIND[:key=value,...], got {text!r}")
+        spec[key.strip()] = _number(value.strip())
+    return spec
+
+
+def _number(value: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value  # left for the schema to refuse, naming the knob

@@ -1,0 +1,65 @@
+"""What every feature cache shares: per-request state, the counts of work computed and reused, and
+the factory from the request's `cache` spec.
+
+A strategy object belongs to one request (the denoise job carries it between step chunks, on every
+rank). Under CFG its state is per branch: the batch rows are the branches, and each row keeps its own
+history. The runner computes a batch as a whole, so the batch reuses cached work only when every
+branch's rule allows it (a branch computed early simply refreshes its history). `reset()` drops the
+state; the denoise stage calls it when the expert changes (Wan2.2), because the other expert's
+activations are not comparable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flexcache.hooks import ForwardHooks
+from flexcache.spec import FBCacheSpec
+
+
+@dataclass
+class CacheStats:
+    """Work done and skipped over one request: forwards (steps x experts' calls) and blocks."""
+
+    forwards_computed: int = 0
+    forwards_reused: int = 0
+    blocks_computed: int = 0
+    blocks_reused: int = 0
+    peak_extra_bytes: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class CacheStrategy(ForwardHooks):
+    """A feature cache: `ForwardHooks` that may skip work, with its own state and `stats`."""
+
+    def __init__(self) -> None:
+        self.stats = CacheStats()
+
+    def reset(self) -> None:
+        """Forget every cached tensor (new expert, or a fresh start); the stats keep counting."""
+
+    def extra_bytes(self) -> int:
+        """Memory the cached tensors hold now."""
+        return 0
+
+    def _account_memory(self) -> None:
+        self.stats.peak_extra_bytes = max(self.stats.peak_extra_bytes, self.extra_bytes())
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def make_strategy(spec: FBCacheSpec | None) -> CacheStrategy | None:
+    """The strategy a request's `cache` spec names (None: no cache)."""
+    if spec is None:
+        return None
+    if spec.kind == "fbcache":
+        from flexcache.fbcache import FirstBlockCache
+
+        return FirstBlockCache(spec.threshold)
+    raise ValueError(f"unknown cache kind {spec.kind!r}")
