@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from models.attention import AttentionFn, AttentionMeta
+from models.denoiser import CacheSignal
 
 Streams = tuple[torch.Tensor, "torch.Tensor | None"]
 
@@ -51,12 +52,16 @@ class ForwardHooks:
     """The hook points of a forward; the defaults compute everything. Subclass and override.
 
     step(info, compute) -> velocity: around one whole forward (a step-level cache may return a stored
-    velocity instead of calling compute); block(info, index, block, compute, img, txt) -> (img, txt):
+    velocity instead of calling compute); begin(info, signal): once the embeddings exist; block(info, index, block, compute, img, txt) -> (img, txt):
     around one block; attention(info, meta, compute, q, k, v) -> out: around one attention call.
     """
 
     def step(self, info: StepInfo, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         return compute()
+
+    def begin(self, info: StepInfo, signal: Callable[[str], CacheSignal]) -> None:
+        """After the model's embeddings, before the first block; `signal(name)` is the model's named
+        per-step signal (`BlockDenoiser.cache_signal`) on this rank's tokens."""
 
     def block(self, info: StepInfo, index: int, block: nn.Module, compute: Callable[..., Streams],
               img: torch.Tensor, txt: torch.Tensor | None) -> Streams:

@@ -4,7 +4,7 @@ A user param (per request), so the ingress validates it before any DiT sees it; 
 pydantic, like the rest of the request schema. `null` (the default) computes every block of every step.
 Each kind is one model with `extra="forbid"` and bounds on every knob, discriminated by `kind`, so an
 unknown kind or knob is refused naming it. `parse_cache_option` reads the CLI form
-`KIND[:key=value,...]`.
+`KIND[:key=value,...]` (a list value separated by ';').
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-CACHE_KINDS = ("fbcache",)
+CACHE_KINDS = ("fbcache", "teacache")
+TEACACHE_MODES = ("default", "ret_steps")
 
 
 class FBCacheSpec(BaseModel):
@@ -29,11 +30,37 @@ class FBCacheSpec(BaseModel):
                                          "remaining blocks are reused; FLUX's published default 0.08, 0 off.")
 
 
-CacheSpec = Annotated[Union[FBCacheSpec], Field(discriminator="kind")]
+class TeaCacheSpec(BaseModel):
+    """TeaCache: accumulate the polynomial-rescaled relative change of the model's timestep-modulated input
+    and skip every block (reusing the whole stack's residual) while the sum stays below `threshold`.
+
+    mode "default" computes the first and the last step; "ret_steps" the first five (Wan only; it reads
+    another signal). `coefficients`: the rescaling polynomial, highest order first; null takes the model's
+    published one (Wan2.1 1.3B / 14B, FLUX.1-dev), filled in at resolution so the record names what ran.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["teacache"]
+    threshold: float = Field(0.2, ge=0.0, le=10.0,
+                             description="Accumulated rescaled change below which a step reuses the cached "
+                                         "residual; the Wan reference's default 0.2, 0 off.")
+    mode: Literal["default", "ret_steps"] = Field("default", description="Which published indicator: 'default' "
+                                                  "or 'ret_steps' (Wan).")
+    coefficients: tuple[float, ...] | None = Field(
+        None, min_length=1, max_length=8,
+        description="Rescaling polynomial, highest order first; null: the model's published one.")
+
+
+CacheSpec = Annotated[Union[FBCacheSpec, TeaCacheSpec], Field(discriminator="kind")]
 """One of the cache kinds; `kind` picks the model (`CACHE_KINDS`)."""
 
 CACHE_RULES: dict[str, dict[str, str]] = {
     "fbcache": {"threshold": "a number between 0 and 1 (0 computes every block)"},
+    "teacache": {"threshold": "a number between 0 and 10 (0 computes every block)",
+                 "mode": "'default' or 'ret_steps' (Wan)",
+                 "coefficients": "a list of 1 to 8 numbers (the rescaling polynomial, highest order first), or "
+                                 "null for the model's published one"},
 }
 """kind -> knob -> what it must be, in words (for error messages and the HTTP contract)."""
 
@@ -74,6 +101,9 @@ def parse_cache_option(text: str) -> dict[str, Any]:
 
 
 def _number(value: str) -> Any:
+    """A number, or a ';'-separated list of numbers (e.g. coefficients=1e2;-3;0.5)."""
+    if ";" in value:
+        return [_number(part.strip()) for part in value.split(";")]
     for kind in (int, float):
         try:
             return kind(value)

@@ -12,11 +12,12 @@ activations are not comparable.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
 from flexcache.hooks import ForwardHooks
-from flexcache.spec import FBCacheSpec
+from flexcache.spec import FBCacheSpec, TeaCacheSpec
 
 
 @dataclass
@@ -54,12 +55,24 @@ def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def make_strategy(spec: FBCacheSpec | None) -> CacheStrategy | None:
-    """The strategy a request's `cache` spec names (None: no cache)."""
+def make_strategy(spec: FBCacheSpec | TeaCacheSpec | None, num_steps: int,
+                  teacache_signals: Mapping[str, str] | None = None) -> CacheStrategy | None:
+    """The strategy a request's (resolved) `cache` spec names, for a job of `num_steps` steps; None: no cache.
+
+    teacache_signals: the model's TeaCache mode -> `cache_signal` name (`ModelDescription.teacache`).
+    """
     if spec is None:
         return None
     if spec.kind == "fbcache":
         from flexcache.fbcache import FirstBlockCache
 
         return FirstBlockCache(spec.threshold)
+    if spec.kind == "teacache":
+        from flexcache.teacache import TeaCache
+
+        signal = (teacache_signals or {}).get(spec.mode)
+        if signal is None or spec.coefficients is None:
+            raise ValueError(f"TeaCache mode {spec.mode!r} needs the model's signal for it and coefficients "
+                             f"(resolve the request against the model's description)")
+        return TeaCache(spec.threshold, spec.coefficients, signal, num_steps, spec.mode)
     raise ValueError(f"unknown cache kind {spec.kind!r}")

@@ -44,6 +44,18 @@ class TokenState:
         return replace(self, img=img, rope=rope)
 
 
+@dataclass(frozen=True)
+class CacheSignal:
+    """A per-step tensor a feature cache compares between steps (e.g. TeaCache's timestep-modulated input).
+
+    values: (B, ...) one row per branch; per_token: dim 1 runs over this rank's image tokens (a shard under
+    context parallelism, padded at its end), else the tensor is the same on every rank.
+    """
+
+    values: torch.Tensor
+    per_token: bool
+
+
 class BlockDenoiser(Protocol):
     """What a family's DiT module offers the runner (WanTransformer, FluxTransformer, ...).
 
@@ -71,3 +83,7 @@ class BlockDenoiser(Protocol):
         """Patch values of the whole image-token sequence -> the velocity, shaped and typed like the latents."""
 
     def set_attention(self, attn_fn: AttentionFn) -> None: ...
+
+    def cache_signal(self, state: TokenState, name: str) -> CacheSignal:
+        """One of the family's named per-step signals for feature caches (`ModelDescription.teacache` names
+        which one each TeaCache mode reads); ValueError naming the family's signals for another name."""

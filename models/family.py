@@ -128,6 +128,16 @@ class LatentGeometry:
 
 
 @dataclass(frozen=True)
+class TeaCacheCalibration:
+    """How TeaCache runs in one of its modes on a model: the `cache_signal` it reads and the polynomial
+    (highest order first) that rescales the signal's relative change; None where nobody published one for
+    this model (a request then gives its own coefficients)."""
+
+    signal: str
+    coefficients: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
 class ModelDescription:
     """One served model, as the layers above `models/` see it; the request schema's per-model rules come from it.
 
@@ -139,7 +149,8 @@ class ModelDescription:
     max_frames: the most frames a request may ask for (1 for an image model; the frame stride comes
     from `latent`); guidance_scale_2: the second expert's default guidance (None with one expert: no
     such request field); negative_prompt: what an empty negative prompt means (cfg models only);
-    components: where each part's weights live (for logs and diagnostics).
+    components: where each part's weights live (for logs and diagnostics); teacache: TeaCache's modes on
+    this model (mode -> signal and published coefficients).
     """
 
     family: str
@@ -157,6 +168,7 @@ class ModelDescription:
     guidance_scale_2: float | None = None
     negative_prompt: str = ""
     components: Mapping[str, Path] = field(default_factory=dict)
+    teacache: Mapping[str, TeaCacheCalibration] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.defaults.sampler not in self.samplers:

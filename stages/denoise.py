@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -72,12 +72,13 @@ class DenoiseStage:
     one branch with the scale as a model input; "none": one branch). The seeded noise takes the shape of
     the DiT class's `latent` geometry (its family's VAE latents). Every forward goes through `stages.runner.BlockRunner`; with a
     `ParallelMesh` it is spread over the mesh's ranks, and all ranks of the mesh must then drive the
-    same jobs through the same calls together.
+    same jobs through the same calls together. teacache_signals: the model's TeaCache mode -> signal
+    name (its description's `teacache`), for requests that ask for TeaCache.
     """
 
     def __init__(self, experts: Sequence[BlockDenoiser], boundary: float | None = None,
                  mesh: ParallelMesh | None = None, guidance: GuidanceKind = "cfg",
-                 attn_fn: AttentionFn = auto_attention) -> None:
+                 attn_fn: AttentionFn = auto_attention, teacache_signals: Mapping[str, str] | None = None) -> None:
         if len(experts) not in (1, 2) or (len(experts) == 2) != (boundary is not None):
             raise ValueError("pass one expert, or two experts (high-noise first) with a boundary")
         self.experts = list(experts)
@@ -85,6 +86,7 @@ class DenoiseStage:
         self.boundary = boundary
         self.guidance = guidance
         self.attn_fn = attn_fn
+        self.teacache_signals = dict(teacache_signals or {})
         first = next(self.experts[0].parameters())  # type: ignore[attr-defined]
         self.device = first.device
         self.mesh: ParallelMesh | None = None
@@ -104,7 +106,8 @@ class DenoiseStage:
         """The DiT(s) of a checkpoint folder (or its description), loaded by the family's factory."""
         model = model if isinstance(model, ModelDescription) else describe(model)
         experts, boundary = family_module(model.family).load_denoisers(model, dtype=dtype, device=device)
-        return cls(experts, boundary, mesh, model.guidance, attn_fn)
+        return cls(experts, boundary, mesh, model.guidance, attn_fn,
+                   {mode: calibration.signal for mode, calibration in model.teacache.items()})
 
     def start(self, params: ResolvedParams, embeddings: PromptEmbeddings,
               latents: torch.Tensor | None = None) -> DenoiseJob:
@@ -116,7 +119,8 @@ class DenoiseStage:
             raise ValueError("guided denoising needs negative-prompt embeddings")
         sampler = make_sampler(params.sampler, params.num_inference_steps, params.shift)
         noise = initial_noise(params, self.latent) if latents is None else latents.to(torch.float32)
-        return DenoiseJob(params, embeddings, sampler, noise, cache=make_strategy(params.cache))
+        cache = make_strategy(params.cache, len(sampler.timesteps), self.teacache_signals)
+        return DenoiseJob(params, embeddings, sampler, noise, cache=cache)
 
     def _expert_and_guidance(self, timestep: float, params: ResolvedParams) -> tuple[int, float]:
         if self.boundary is None or timestep >= self.boundary * 1000:

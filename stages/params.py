@@ -71,6 +71,11 @@ _NUMERIC_FIELDS = ("height", "width", "num_frames", "num_inference_steps", "guid
                    "shift", "seed")
 
 
+def _plain(value: Any) -> Any:
+    """A field's value as the user wrote it (a nested model as its JSON object)."""
+    return value.model_dump(exclude_defaults=True) if isinstance(value, BaseModel) else value
+
+
 def _describe(value: Any) -> str:
     """A short rendering of the offending input for an error message."""
     if isinstance(value, str) and len(value) > 60:
@@ -195,10 +200,14 @@ class GenerationParams(BaseModel):
             bad.append("guidance_scale_2")  # single-expert CFG models ignore it (see resolve)
         if self.negative_prompt and not model.takes_negative_prompt:
             bad.append("negative_prompt")
+        cache_problem = _cache_problem(self.cache, model)
+        if cache_problem is not None:
+            bad.append("cache")
+            rules["cache"] = cache_problem
         if bad:
             details = [InitErrorDetails(
                 type=PydanticCustomError("invalid_" + f, "{field} must be {rule}, got {got}",
-                                         {"field": f, "rule": rules[f], "got": _describe(getattr(self, f))}),
+                                         {"field": f, "rule": rules[f], "got": _describe(_plain(getattr(self, f)))}),
                 loc=(f,), input=getattr(self, f)) for f in bad]
             raise ValidationError.from_exception_data(type(self).__name__, details)
 
@@ -247,8 +256,29 @@ class GenerationParams(BaseModel):
             seed=seed,
             sampler=self.sampler if self.sampler is not None else defaults.sampler,  # type: ignore[arg-type]
             fps=defaults.fps,
-            cache=self.cache,
+            cache=_resolved_cache(self.cache, model),
         )
+
+
+def _cache_problem(cache: Any, model: ModelDescription) -> str | None:
+    """What a cache spec needs from this model and does not get, in words (None: it runs here)."""
+    if cache is None or cache.kind != "teacache":
+        return None
+    calibration = model.teacache.get(cache.mode)
+    if calibration is None:
+        modes = ", ".join(repr(m) for m in model.teacache) or "none"
+        return f"an object whose mode is a TeaCache mode of {model.name} ({modes})"
+    if cache.coefficients is None and calibration.coefficients is None:
+        return (f"an object with coefficients for TeaCache on {model.name} (none are published for its mode "
+                f"{cache.mode!r})")
+    return None
+
+
+def _resolved_cache(cache: Any, model: ModelDescription) -> Any:
+    """The cache spec with the model's published TeaCache coefficients filled in (so the record names them)."""
+    if cache is None or cache.kind != "teacache" or cache.coefficients is not None:
+        return cache
+    return cache.model_copy(update={"coefficients": model.teacache[cache.mode].coefficients})
 
 
 def model_rules(model: ModelDescription) -> dict[str, str]:

@@ -105,6 +105,7 @@ class BlockRunner:
             self._cp_attention.seq_len = seq_len  # type: ignore[union-attr]
             start, stop, _ = shard_bounds(seq_len, degree, index)
             self._info = replace(self._info, real_tokens=max(min(stop, seq_len) - start, 0))
+        hooks.begin(self._info, lambda name: model.cache_signal(state, name))
         img, txt = state.img, state.txt
         for index, block in enumerate(model.blocks):
             def compute(img: torch.Tensor, txt: torch.Tensor | None, block: nn.Module = block) -> Streams:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from models.errors import CheckpointError
-from models.family import ModelDescription
+from models.family import ModelDescription, TeaCacheCalibration
 from models.flux.checkpoint import ORIGINAL_DIT_FILES, resolve_dit
 from models.flux.config import FLUX_LATENT, FLUX_SAMPLERS, FluxPreset, match_preset
 
@@ -55,6 +55,12 @@ def describe(root: Path) -> ModelDescription:
     return description(match_preset(source.config), root, components)
 
 
+# TeaCache's published polynomial for FLUX.1-dev (ali-vilab's TeaCache4FLUX, highest order first), read on the
+# first double block's modulated image tokens. None for schnell (4 steps leave nothing to skip) or the tiny models.
+FLUX_TEACACHE_COEFFICIENTS = {"flux1-dev": (4.98651651e+02, -2.83781631e+02, 5.58554382e+01, -3.82021401e+00,
+                                            2.64230861e-01)}
+
+
 def description(preset: FluxPreset, root: Path = Path("."), components: dict[str, Path] | None = None
                 ) -> ModelDescription:
     """What a FLUX.1 preset means to the layers above models/ (also for presets without a folder).
@@ -66,7 +72,8 @@ def description(preset: FluxPreset, root: Path = Path("."), components: dict[str
         family="flux", name=preset.name, root=root, output="image", num_heads=preset.dit.num_heads, num_experts=1,
         guidance="distilled" if preset.dit.guidance_embed else "none", defaults=preset.defaults, latent=FLUX_LATENT,
         text_len=preset.max_sequence_length, samplers=FLUX_SAMPLERS, max_frames=1,
-        components=dict(components or {}))
+        components=dict(components or {}),
+        teacache={"default": TeaCacheCalibration("modulated_input", FLUX_TEACACHE_COEFFICIENTS.get(preset.name))})
 
 
 # ---- factories: what the stages build from a description (torch and transformers load only here) ----

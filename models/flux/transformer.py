@@ -54,7 +54,7 @@ from torch import nn
 from models.attention import AttentionFn, AttentionMeta, auto_attention
 from models.conditioning import Conditioning
 from models.cpu_linear import PackedLinear, PackedWeights, norm_modulate, residual_add
-from models.denoiser import RopeTables, TokenState
+from models.denoiser import CacheSignal, RopeTables, TokenState
 from models.flux.checkpoint import ORIGINAL_DIT_FILES, resolve_dit
 from models.flux.config import FLUX_LATENT, FluxDiTConfig
 from models.flux.transformer_keys import diffusers_to_original, original_to_diffusers, strip_original_prefix
@@ -547,6 +547,19 @@ class FluxTransformer(PackedWeights, nn.Module):
 
     def to_latents(self, patches: torch.Tensor, state: TokenState) -> torch.Tensor:
         return unpack_latents(patches, state.model.grid).to(state.model.dtype)
+
+    CACHE_SIGNALS = ("modulated_input",)
+
+    def cache_signal(self, state: TokenState, name: str) -> CacheSignal:
+        """modulated_input: the first double block's adaLN-modulated image tokens (B, n, d) fp32, TeaCache's
+        FLUX indicator; per token (this rank's shard under context parallelism)."""
+        if name not in self.CACHE_SIGNALS:
+            raise ValueError(f"FLUX has no cache signal {name!r}; its signals are {', '.join(self.CACHE_SIGNALS)}")
+        first = self.double_blocks[0] if len(self.double_blocks) else None
+        if first is None:
+            raise ValueError("modulated_input needs a double-stream block")
+        shift, scale = first.img_mod(state.model.vec)[:2]
+        return CacheSignal(modulate(state.img, shift, scale, torch.float32), per_token=True)
 
     # ---- checkpoints ----
     @classmethod

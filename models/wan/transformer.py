@@ -45,7 +45,7 @@ from torch import nn
 from models.attention import AttentionFn, AttentionMeta, auto_attention
 from models.conditioning import Conditioning
 from models.cpu_linear import PackedLinear, PackedWeights, norm_modulate, residual_add
-from models.denoiser import RopeTables, TokenState
+from models.denoiser import CacheSignal, RopeTables, TokenState
 from models.loading import (
     CheckpointError,
     load_safetensors_dir,
@@ -464,6 +464,15 @@ class WanTransformer(PackedWeights, nn.Module):
 
     def to_latents(self, patches: torch.Tensor, state: TokenState) -> torch.Tensor:
         return self.unpatchify(patches, state.model.grid).to(state.model.dtype)
+
+    CACHE_SIGNALS = ("time_embedding", "time_projection")
+
+    def cache_signal(self, state: TokenState, name: str) -> CacheSignal:
+        """time_embedding: e (B, d), the timestep embedding; time_projection: e0 (B, 6, d), the blocks' shared
+        modulation (the indicators of TeaCache's Wan modes). Both are per sample, the same on every rank."""
+        if name not in self.CACHE_SIGNALS:
+            raise ValueError(f"Wan has no cache signal {name!r}; its signals are {', '.join(self.CACHE_SIGNALS)}")
+        return CacheSignal(state.model.e if name == "time_embedding" else state.model.e0, per_token=False)
 
     # ---- checkpoints ----
     @classmethod

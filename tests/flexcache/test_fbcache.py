@@ -10,10 +10,7 @@ import torch
 
 from flexcache.fbcache import FirstBlockCache
 from flexcache.hooks import StepInfo
-from models.flux.config import FLUX_TINY
-from models.flux.tiny import write_random_checkpoint as write_flux
-from models.wan.default_model import write_random_checkpoint as write_wan
-from stages.pipeline import GenerationResult, Pipeline
+from stages.pipeline import Pipeline
 
 NUM_BLOCKS = 3
 
@@ -74,33 +71,10 @@ def test_reset_forgets_the_history() -> None:
     assert cache.stats.forwards_reused == 0 and cache.extra_bytes() > 0
 
 
-@pytest.fixture(scope="module")
-def wan_two_experts(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
-    root = tmp_path_factory.mktemp("wan-fb")
-    write_wan(root, num_experts=2, seed=5)
-    return Pipeline.from_pretrained(root)
-
-
-@pytest.fixture(scope="module")
-def flux_dev(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
-    return Pipeline.from_pretrained(write_flux(tmp_path_factory.mktemp("flux-fb"), dit=FLUX_TINY, seed=6))
-
-
-WAN_REQUEST = dict(prompt="a red circle moving left", height=32, width=32, num_frames=5, num_inference_steps=8,
-                   guidance_scale=4.0, guidance_scale_2=3.0, seed=2)
-FLUX_REQUEST = dict(prompt="a red circle", height=64, width=64, num_inference_steps=8, seed=2)
-
-
-def _full_compute(family: str, request: pytest.FixtureRequest) -> tuple[Pipeline, dict, GenerationResult]:
-    """The family's pipeline, its request and the uncached result."""
-    pipe: Pipeline = request.getfixturevalue("wan_two_experts" if family == "wan" else "flux_dev")
-    params = WAN_REQUEST if family == "wan" else FLUX_REQUEST
-    return pipe, params, pipe.generate(params)
-
-
 @pytest.mark.parametrize("family", ["wan", "flux"])
-def test_threshold_zero_is_full_compute_bit_for_bit(family: str, request: pytest.FixtureRequest) -> None:
-    pipe, params, full = _full_compute(family, request)
+def test_threshold_zero_is_full_compute_bit_for_bit(family: str, request: pytest.FixtureRequest,
+                                                    uncached) -> None:  # noqa: ANN001 - a fixture
+    pipe, params, full = uncached(family, request)
     cached = pipe.generate(params | {"cache": {"kind": "fbcache", "threshold": 0.0}})
     assert full.cache is None and cached.cache["forwards_reused"] == 0
     assert cached.cache["forwards_computed"] == params["num_inference_steps"]
@@ -109,8 +83,9 @@ def test_threshold_zero_is_full_compute_bit_for_bit(family: str, request: pytest
 
 
 @pytest.mark.parametrize("family", ["wan", "flux"])
-def test_a_real_threshold_reuses_steps_and_stays_close(family: str, request: pytest.FixtureRequest) -> None:
-    pipe, params, full = _full_compute(family, request)
+def test_a_real_threshold_reuses_steps_and_stays_close(family: str, request: pytest.FixtureRequest,
+                                                       uncached) -> None:  # noqa: ANN001 - a fixture
+    pipe, params, full = uncached(family, request)
     cached = pipe.generate(params | {"cache": {"kind": "fbcache", "threshold": 1.0}})
     stats = cached.cache
     assert stats["forwards_reused"] > 0 and stats["blocks_reused"] > 0 and stats["peak_extra_bytes"] > 0
@@ -129,5 +104,6 @@ def test_the_expert_switch_resets_the_cache(wan_two_experts: Pipeline, monkeypat
         original(self)
 
     monkeypatch.setattr(FirstBlockCache, "reset", counting_reset)
-    wan_two_experts.generate(WAN_REQUEST | {"cache": {"kind": "fbcache", "threshold": 0.5}})
+    wan_two_experts.generate({"prompt": "a red circle", "height": 32, "width": 32, "num_frames": 5, "seed": 2,
+                              "num_inference_steps": 8, "cache": {"kind": "fbcache", "threshold": 0.5}})
     assert len(resets) == 2  # at construction and once at the switch to the low-noise expert

@@ -14,9 +14,10 @@ from stages.params import GenerationParams
 
 BAD_CACHES = {
     "threshold out of range": ({"kind": "fbcache", "threshold": 2}, "cache.threshold must be a number between 0 and 1"),
-    "unknown kind": ({"kind": "nope"}, "cache.kind must be one of 'fbcache'"),
+    "unknown kind": ({"kind": "nope"}, "cache.kind must be one of 'fbcache', 'teacache'"),
     "unknown knob": ({"kind": "fbcache", "window": 3}, "cache has no knob 'window' for fbcache"),
-    "no kind": ({"threshold": 0.1}, "cache.kind must be one of 'fbcache'"),
+    "no kind": ({"threshold": 0.1}, "cache.kind must be one of 'fbcache', 'teacache'"),
+    "teacache mode": ({"kind": "teacache", "mode": "fast"}, "cache.mode must be 'default' or 'ret_steps' (Wan)"),
     "not an object": (3, "cache must be null (no feature cache) or an object"),
 }
 
@@ -39,6 +40,8 @@ def test_bad_caches_are_refused_naming_the_knob(case: str) -> None:
 def test_the_cli_form() -> None:
     assert parse_cache_option("fbcache") == {"kind": "fbcache"}
     assert parse_cache_option("fbcache:threshold=0.12") == {"kind": "fbcache", "threshold": 0.12}
+    assert parse_cache_option("teacache:threshold=0.1,coefficients=2.5e2;-1;0") == {
+        "kind": "teacache", "threshold": 0.1, "coefficients": [250.0, -1, 0]}
     with pytest.raises(ValueError, match="KIND"):
         parse_cache_option("fbcache:threshold")
 

@@ -49,7 +49,7 @@ def _stage(mesh: ParallelMesh | None = None):
 
     model = FluxTransformer(_config()).eval()
     randomize_parameters(model, seed=5)
-    return DenoiseStage([model], mesh=mesh, guidance="distilled")
+    return DenoiseStage([model], mesh=mesh, guidance="distilled", teacache_signals={"default": "modulated_input"})
 
 
 def _job(stage, cache: dict | None = None):
@@ -74,15 +74,23 @@ def _denoise(stage) -> np.ndarray:
     return stage.run_steps(_job(stage)).latents.numpy()
 
 
-CACHE_THRESHOLDS = (0.0, 0.85)  # this model's changes: 0.87, 0.83 -> one step computed, one reused
+# (spec, its measured indicator trace on this model): FBCache's first-block changes 0.87, 0.83 -> one step
+# computed, one reused at 0.85; TeaCache's (identity polynomial) middle step 0.43 -> reused at 0.5.
+CACHES = {
+    "fbcache0": {"kind": "fbcache", "threshold": 0.0},
+    "fbcache": {"kind": "fbcache", "threshold": 0.85},
+    "teacache0": {"kind": "teacache", "threshold": 0.0, "coefficients": [1.0, 0.0]},
+    "teacache": {"kind": "teacache", "threshold": 0.5, "coefficients": [1.0, 0.0]},
+}
 
 
 def _denoise_cached(stage) -> dict[str, object]:
-    """FBCache at each of CACHE_THRESHOLDS: latents, each step's relative change and the counts."""
+    """Each of CACHES: latents, each step's indicator values and the counts."""
     out: dict[str, object] = {}
-    for threshold in CACHE_THRESHOLDS:
-        job = stage.run_steps(_job(stage, {"kind": "fbcache", "threshold": threshold}))
-        out[f"fbcache{threshold}"] = (job.latents.numpy(), job.cache.changes, job.cache.stats.as_dict())
+    for name, spec in CACHES.items():
+        job = stage.run_steps(_job(stage, spec))
+        trace = job.cache.changes if spec["kind"] == "fbcache" else [t["delta"] for t in job.cache.trace]
+        out[name] = (job.latents.numpy(), trace, job.cache.stats.as_dict())
     return out
 
 
@@ -133,23 +141,24 @@ def cached_reference() -> dict[str, object]:
     return _denoise_cached(_stage())
 
 
+@pytest.mark.parametrize("kind", ["fbcache", "teacache"])
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_fbcache_decides_on_every_rank_as_on_one(name: str, parallel_results, reference, cached_reference) -> None:
-    """Threshold 0 is the uncached parallel run bit for bit; at 0.85 every rank measures the same relative
-    change as one rank (sums over all ranks' tokens), so all take the single rank's decisions."""
+def test_caches_decide_on_every_rank_as_on_one(name: str, kind: str, parallel_results, cached_reference) -> None:
+    """Threshold 0 is the uncached parallel run bit for bit; at the real threshold every rank measures the
+    same indicator as one rank (sums over all ranks' real tokens), so all take the single rank's decisions."""
     layout = LAYOUTS[name]
     per_rank = [parallel_results[rank][name + "/cache"] for rank in range(layout.world_size)]
-    latents0, _, stats0 = per_rank[0]["fbcache0.0"]
+    latents0, _, stats0 = per_rank[0][kind + "0"]
     np.testing.assert_array_equal(latents0, parallel_results[0][name])
     assert stats0["forwards_reused"] == 0
-    ref_latents, ref_changes, ref_stats = cached_reference["fbcache0.85"]
+    ref_latents, ref_trace, ref_stats = cached_reference[kind]
     assert ref_stats["forwards_reused"] > 0, "the threshold must make the single rank reuse something"
     for rank, results in enumerate(per_rank):
-        latents, changes, stats = results["fbcache0.85"]
+        latents, trace, stats = results[kind]
         decisions = {k: v for k, v in stats.items() if k != "peak_extra_bytes"}
         assert decisions == {k: v for k, v in ref_stats.items() if k != "peak_extra_bytes"}, \
             f"{name}: rank {rank} took other decisions"
         assert 0 < stats["peak_extra_bytes"] < ref_stats["peak_extra_bytes"]  # a rank caches its shard only
-        np.testing.assert_allclose(np.array(changes[1:]), np.array(ref_changes[1:]), rtol=1e-5)
+        np.testing.assert_allclose(np.array(trace[1:]), np.array(ref_trace[1:]), rtol=1e-5)
         diff = float(np.abs(latents - ref_latents).max())
         assert diff <= TOLERANCE, f"{name}: rank {rank} cached latents differ by {diff:.3g}"
