@@ -33,7 +33,8 @@ class StepInfo:
     (CFG: 2, conditional first) the batch holds on this rank; num_blocks: the model's blocks, all kinds;
     reduce: sums a tensor over the ranks sharing this forward's tokens (identity on one rank);
     real_tokens: how many leading image-token rows of this rank's shard are real (the rest pad the shard to
-    the common length and must not enter token statistics); None: all.
+    the common length and must not enter token statistics); None: all; latents: the forward's input
+    (B, C, ...), whole on every rank (what a step-level cache on the model's input/output compares).
     """
 
     step: int
@@ -42,6 +43,7 @@ class StepInfo:
     num_blocks: int = 0
     reduce: Callable[[torch.Tensor], torch.Tensor] = field(default=_local, compare=False, repr=False)
     real_tokens: int | None = None
+    latents: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def real(self, img: torch.Tensor) -> torch.Tensor:
         """The real (unpadded) image-token rows of `img` (B, N, ...)."""

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-CACHE_KINDS = ("fbcache", "teacache")
+CACHE_KINDS = ("fbcache", "teacache", "easycache")
 TEACACHE_MODES = ("default", "ret_steps")
 
 
@@ -52,7 +52,20 @@ class TeaCacheSpec(BaseModel):
         description="Rescaling polynomial, highest order first; null: the model's published one.")
 
 
-CacheSpec = Annotated[Union[FBCacheSpec, TeaCacheSpec], Field(discriminator="kind")]
+class EasyCacheSpec(BaseModel):
+    """EasyCache: predict each step's relative output change from its input change and the output's measured
+    sensitivity, and reuse the last computed output-minus-input while the accumulated prediction stays below
+    `threshold`; no calibration. The first `ret_steps` steps and the last are computed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["easycache"]
+    threshold: float = Field(0.05, ge=0.0, le=1.0, description="Accumulated predicted change below which a step "
+                                                              "is reused; the Wan reference's 0.05, 0 off.")
+    ret_steps: int = Field(10, ge=2, le=200, description="Leading steps always computed (the reference: 10).")
+
+
+CacheSpec = Annotated[Union[FBCacheSpec, TeaCacheSpec, EasyCacheSpec], Field(discriminator="kind")]
 """One of the cache kinds; `kind` picks the model (`CACHE_KINDS`)."""
 
 CACHE_RULES: dict[str, dict[str, str]] = {
@@ -61,6 +74,8 @@ CACHE_RULES: dict[str, dict[str, str]] = {
                  "mode": "'default' or 'ret_steps' (Wan)",
                  "coefficients": "a list of 1 to 8 numbers (the rescaling polynomial, highest order first), or "
                                  "null for the model's published one"},
+    "easycache": {"threshold": "a number between 0 and 1 (0 computes every step)",
+                  "ret_steps": "an integer between 2 and 200 (leading steps always computed)"},
 }
 """kind -> knob -> what it must be, in words (for error messages and the HTTP contract)."""
 

@@ -17,7 +17,7 @@ from typing import Mapping
 import torch
 
 from flexcache.hooks import ForwardHooks
-from flexcache.spec import FBCacheSpec, TeaCacheSpec
+from flexcache.spec import EasyCacheSpec, FBCacheSpec, TeaCacheSpec
 
 
 @dataclass
@@ -55,7 +55,7 @@ def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def make_strategy(spec: FBCacheSpec | TeaCacheSpec | None, num_steps: int,
+def make_strategy(spec: FBCacheSpec | TeaCacheSpec | EasyCacheSpec | None, num_steps: int,
                   teacache_signals: Mapping[str, str] | None = None) -> CacheStrategy | None:
     """The strategy a request's (resolved) `cache` spec names, for a job of `num_steps` steps; None: no cache.
 
@@ -75,4 +75,8 @@ def make_strategy(spec: FBCacheSpec | TeaCacheSpec | None, num_steps: int,
             raise ValueError(f"TeaCache mode {spec.mode!r} needs the model's signal for it and coefficients "
                              f"(resolve the request against the model's description)")
         return TeaCache(spec.threshold, spec.coefficients, signal, num_steps, spec.mode)
+    if spec.kind == "easycache":
+        from flexcache.easycache import EasyCache
+
+        return EasyCache(spec.threshold, spec.ret_steps, num_steps)
     raise ValueError(f"unknown cache kind {spec.kind!r}")

@@ -85,7 +85,7 @@ class BlockRunner:
              guidance: torch.Tensor | None, hooks: ForwardHooks, step: int) -> torch.Tensor:
         self._hooks = hooks
         self._info = StepInfo(step, float(t.reshape(-1)[0]), latents.shape[0], len(self.model.blocks),
-                              self._reduce)
+                              self._reduce, latents=latents)
         try:
             return hooks.step(self._info, lambda: self._forward(latents, t, conditioning, guidance, hooks))
         finally:
