@@ -392,6 +392,9 @@ class Video(BaseModel):
     timings: dict[str, float] = Field(description="Seconds per finished stage.")
     stage_times: dict[str, list[float]] = Field(description="Stage -> [start] or [start, end], epoch seconds.")
     attempts: int
+    cache: dict[str, int] | None = Field(None, description=(
+        "With a feature cache (params.cache): forwards and blocks computed and reused so far, and the peak "
+        "extra memory it held (peak_extra_bytes, per DiT rank). Null without one."))
 
 
 class VideoList(BaseModel):
@@ -622,6 +625,7 @@ def video_object(record: JobRecord, model_name: str) -> dict[str, Any]:
         "timings": record.timings,
         "stage_times": record.stage_times,
         "attempts": record.attempts,
+        "cache": record.cache,
     }
 
 

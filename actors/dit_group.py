@@ -111,7 +111,7 @@ class DiTRankActor(RankActor):
 
     def run_steps(self, job_id: str, max_steps: int) -> Iterator[str | dict[str, Any] | None]:
         """Advance a job by up to max_steps. Yields twice (a Ray streaming call): first None, or the headline
-        of this rank's own error as soon as its steps failed; then {"step", "total", "done", "step_times"}
+        of this rank's own error as soon as its steps failed; then {"step", "total", "done", "step_times", "cache"}
         (this chunk's seconds), or it raises.
 
         With world_size > 1 the chunk is framed by two small all_reduce checks, entered by every rank
@@ -150,7 +150,8 @@ class DiTRankActor(RankActor):
         if error is not None:
             raise error
         assert job is not None
-        yield {"step": job.step, "total": job.total_steps, "done": job.done, "step_times": job.step_times[first:]}
+        yield {"step": job.step, "total": job.total_steps, "done": job.done, "step_times": job.step_times[first:],
+               "cache": job.cache.stats.as_dict() if job.cache is not None else None}
 
     def _agree(self, job_id: str, when: str, named: dict[str, int], failed: bool) -> None:
         """One all_reduce(MAX) of (values, -values, failed): raises on every rank unless all ranks hold the

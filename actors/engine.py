@@ -439,7 +439,8 @@ class StageEngine:
                 await self._update(job_id, step=0, total_steps=total)
             out = await group.run_steps(job_id, self.cfg.dit.chunk_steps)
             self.metrics.denoise_steps(len(out["step_times"]))
-            await self._update(job_id, step=out["step"], total_steps=out["total"])
+            cache = {"cache": out["cache"]} if out.get("cache") is not None else {}
+            await self._update(job_id, step=out["step"], total_steps=out["total"], **cache)
             if not out["done"]:
                 self.scheduler.chunk_done(job_id, finished=False)
                 return
@@ -532,7 +533,7 @@ class StageEngine:
         path = self.output_dir.resolve() / f"{job_id}{output_suffix(params.num_frames)}"
         sidecar = {"id": job_id, "model": str(self.model_path), "preset": self.model.name,
                    "params": params.model_dump(), "created_at": record.created_at,
-                   "timings_s": self.status(job_id).timings}
+                   "timings_s": self.status(job_id).timings, "cache": record.cache}
         try:
             result = await self.vae_pool.call("decode", self._latents[job_id], str(path), params.fps, sidecar)
         except StageActorDied as exc:

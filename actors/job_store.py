@@ -42,7 +42,7 @@ _ID_PREFIX: dict[str, str] = {"video": "video", "image": "img"}
 # acceptance, and updated_at / finished_at / progress_at_stop are maintained by the store.
 UPDATABLE_FIELDS: frozenset[str] = frozenset(
     {"status", "step", "total_steps", "priority", "attempts", "error", "result_path", "sidecar_path",
-     "timings", "stage_times"})
+     "timings", "stage_times", "cache"})
 
 
 def progress_of(status: str, step: int, total_steps: int) -> float:
@@ -90,6 +90,7 @@ class JobRecord:
     stage_times: dict[str, list[float]]  # stage -> [start_epoch] while running, [start, end] when done
     key: str | None  # optional caller key (e.g. the batch runner's per-prompt id), unique when set
     progress_at_stop: float | None = None  # progress when the job failed or was cancelled
+    cache: dict[str, int] | None = None  # the feature cache's counts (flexcache CacheStats), None without one
 
     @property
     def done(self) -> bool:
@@ -140,14 +141,17 @@ CREATE TABLE IF NOT EXISTS jobs (
     sidecar_path TEXT,
     timings TEXT NOT NULL,
     stage_times TEXT NOT NULL,
-    progress_at_stop REAL
+    progress_at_stop REAL,
+    cache TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
 _COLUMNS = ("id", "kind", "params", "priority", "status", "step", "total_steps", "created_at", "updated_at",
             "finished_at", "attempts", "error", "result_path", "sidecar_path", "timings", "stage_times", "key",
-            "progress_at_stop")
-_JSON_COLUMNS = ("params", "timings", "stage_times")
+            "progress_at_stop", "cache")
+_JSON_COLUMNS = ("params", "timings", "stage_times", "cache")
+# Columns added after the first release, with their SQL type: a store written before them gains them (NULL).
+_ADDED_COLUMNS = {"cache": "TEXT"}
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 
 class StoreLeaseTimeout(TimeoutError):
@@ -267,6 +271,10 @@ class JobStore:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.executescript(_SCHEMA)
+            present = {row[1] for row in self._conn.execute("PRAGMA table_info(jobs)")}
+            for name, sql_type in _ADDED_COLUMNS.items():
+                if name not in present:
+                    self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {sql_type}")
         logger.info("job store at %s", self.path)
 
     # -- ownership ------------------------------------------------------------------------------------
@@ -491,5 +499,5 @@ def _to_row(record: JobRecord) -> tuple[Any, ...]:
 def _from_row(row: tuple[Any, ...]) -> JobRecord:
     values = dict(zip(_COLUMNS, row))
     for name in _JSON_COLUMNS:
-        values[name] = json.loads(values[name])
+        values[name] = json.loads(values[name]) if values[name] is not None else None
     return JobRecord(**values)

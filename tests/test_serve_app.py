@@ -92,6 +92,9 @@ def test_a_request_with_a_feature_cache(service: str) -> None:
         final = _wait(client, created.json()["id"])
         assert final["status"] == "completed", final
         assert final["params"]["cache"] == cache
+        counts = final["cache"]
+        assert counts["forwards_computed"] + counts["forwards_reused"] == final["total_steps"], counts
+        assert counts["peak_extra_bytes"] > 0
         bad = client.post("/v1/videos", json={"prompt": "x", "cache": {"kind": "fbcache", "threshold": 3}})
         assert bad.status_code == 422 and bad.json()["error"]["param"] == "cache"
         assert "cache.threshold must be a number between 0 and 1" in bad.json()["error"]["message"]

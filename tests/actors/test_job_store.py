@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from actors.job_store import (TERMINAL_STATUSES, DuplicateJobError, JobRecord, JobStore, StoreLease, StoreLeaseTimeout,
-                              progress_of)
+from actors.job_store import (_SCHEMA, TERMINAL_STATUSES, DuplicateJobError, JobRecord, JobStore, StoreLease,
+                              StoreLeaseTimeout, progress_of)
 
 
 class FakeClock:
@@ -321,3 +321,22 @@ def test_two_stores_in_one_process_exclude_each_other(tmp_path: Path) -> None:
     memory = JobStore(":memory:")
     asyncio.run(memory.take_ownership(timeout_s=0.1))
     assert memory.owned
+
+
+def test_cache_counts_round_trip_and_a_store_from_before_the_column_opens(tmp_path: Path) -> None:
+    """A job's feature-cache counts are stored as JSON; a store written before the column existed gains it."""
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(_SCHEMA.replace(",\n    cache TEXT", ""))
+    assert "cache" not in {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    conn.close()
+    store = JobStore(path)
+    job = store.create({"prompt": "p"})
+    assert job.cache is None and store.get(job.id).cache is None
+    counts = {"forwards_computed": 3, "forwards_reused": 2, "blocks_computed": 9, "blocks_reused": 6,
+              "peak_extra_bytes": 1024}
+    store.update(job.id, cache=counts)
+    store.close()
+    reopened = JobStore(path)
+    assert reopened.get(job.id).cache == counts  # survives a reopen
+    reopened.close()
