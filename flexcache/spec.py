@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-CACHE_KINDS = ("fbcache", "teacache", "easycache")
+CACHE_KINDS = ("fbcache", "teacache", "easycache", "pab")
 TEACACHE_MODES = ("default", "ret_steps")
 
 
@@ -65,7 +65,21 @@ class EasyCacheSpec(BaseModel):
     ret_steps: int = Field(10, ge=2, le=200, description="Leading steps always computed (the reference: 10).")
 
 
-CacheSpec = Annotated[Union[FBCacheSpec, TeaCacheSpec, EasyCacheSpec], Field(discriminator="kind")]
+class PABSpec(BaseModel):
+    """Pyramid Attention Broadcast: between `warmup` leading and `cooldown` trailing steps, each attention call
+    recomputes only every `self_range` (self / joint attention) or `cross_range` (cross-attention) steps and
+    otherwise reuses its output from the last computed step. Ranges of 1 compute everything."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["pab"]
+    self_range: int = Field(2, ge=1, le=10, description="Self / joint attention recomputes every this many steps.")
+    cross_range: int = Field(3, ge=1, le=10, description="Cross-attention recomputes every this many steps.")
+    warmup: int = Field(5, ge=0, le=200, description="Leading steps always computed.")
+    cooldown: int = Field(5, ge=0, le=200, description="Trailing steps always computed.")
+
+
+CacheSpec = Annotated[Union[FBCacheSpec, TeaCacheSpec, EasyCacheSpec, PABSpec], Field(discriminator="kind")]
 """One of the cache kinds; `kind` picks the model (`CACHE_KINDS`)."""
 
 CACHE_RULES: dict[str, dict[str, str]] = {
@@ -76,6 +90,9 @@ CACHE_RULES: dict[str, dict[str, str]] = {
                                  "null for the model's published one"},
     "easycache": {"threshold": "a number between 0 and 1 (0 computes every step)",
                   "ret_steps": "an integer between 2 and 200 (leading steps always computed)"},
+    "pab": {"self_range": "an integer between 1 and 10 (1 computes every step)",
+            "cross_range": "an integer between 1 and 10 (1 computes every step)",
+            "warmup": "an integer between 0 and 200", "cooldown": "an integer between 0 and 200"},
 }
 """kind -> knob -> what it must be, in words (for error messages and the HTTP contract)."""
 

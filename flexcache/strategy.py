@@ -17,17 +17,20 @@ from typing import Mapping
 import torch
 
 from flexcache.hooks import ForwardHooks
-from flexcache.spec import EasyCacheSpec, FBCacheSpec, TeaCacheSpec
+from flexcache.spec import CacheSpec
 
 
 @dataclass
 class CacheStats:
-    """Work done and skipped over one request: forwards (steps x experts' calls) and blocks."""
+    """Work done and skipped over one request: forwards (steps x experts' calls), blocks and attention calls
+    (counted by the strategies that decide at that level)."""
 
     forwards_computed: int = 0
     forwards_reused: int = 0
     blocks_computed: int = 0
     blocks_reused: int = 0
+    attention_computed: int = 0
+    attention_reused: int = 0
     peak_extra_bytes: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -55,7 +58,7 @@ def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def make_strategy(spec: FBCacheSpec | TeaCacheSpec | EasyCacheSpec | None, num_steps: int,
+def make_strategy(spec: CacheSpec | None, num_steps: int,
                   teacache_signals: Mapping[str, str] | None = None) -> CacheStrategy | None:
     """The strategy a request's (resolved) `cache` spec names, for a job of `num_steps` steps; None: no cache.
 
@@ -79,4 +82,8 @@ def make_strategy(spec: FBCacheSpec | TeaCacheSpec | EasyCacheSpec | None, num_s
         from flexcache.easycache import EasyCache
 
         return EasyCache(spec.threshold, spec.ret_steps, num_steps)
+    if spec.kind == "pab":
+        from flexcache.pab import PyramidAttentionBroadcast
+
+        return PyramidAttentionBroadcast(spec.self_range, spec.cross_range, spec.warmup, spec.cooldown, num_steps)
     raise ValueError(f"unknown cache kind {spec.kind!r}")

@@ -37,7 +37,7 @@ def test_decisions_follow_the_relative_change_of_the_first_residual() -> None:
     assert changes[1:] == pytest.approx([0.05, 0.2, 0.05], rel=1e-6)
     assert cache.stats.as_dict() | {"peak_extra_bytes": 0} == {
         "forwards_computed": 2, "forwards_reused": 2, "blocks_computed": 2 * 3 + 2 * 1, "blocks_reused": 2 * 2,
-        "peak_extra_bytes": 0}
+        "attention_computed": 0, "attention_reused": 0, "peak_extra_bytes": 0}
     # computed steps: input + r1 + 2 * 0.5; reused steps: input + the whole stack's residual of the last
     # computed step (step 0: 1 + 1.0; step 2: 1.26 + 1.0)
     torch.testing.assert_close(outs[0], x * 2 + 1 + 1.0)

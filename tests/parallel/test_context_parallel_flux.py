@@ -81,6 +81,8 @@ CACHES = {
     "fbcache": {"kind": "fbcache", "threshold": 0.85},
     "teacache0": {"kind": "teacache", "threshold": 0.0, "coefficients": [1.0, 0.0]},
     "teacache": {"kind": "teacache", "threshold": 0.5, "coefficients": [1.0, 0.0]},
+    "pab0": {"kind": "pab", "self_range": 1, "cross_range": 1},
+    "pab": {"kind": "pab", "self_range": 2, "warmup": 1, "cooldown": 0},  # step 2 reuses every joint attention
 }
 
 
@@ -89,7 +91,12 @@ def _denoise_cached(stage) -> dict[str, object]:
     out: dict[str, object] = {}
     for name, spec in CACHES.items():
         job = stage.run_steps(_job(stage, spec))
-        trace = job.cache.changes if spec["kind"] == "fbcache" else [t["delta"] for t in job.cache.trace]
+        if spec["kind"] == "fbcache":
+            trace = job.cache.changes
+        elif spec["kind"] == "teacache":
+            trace = [t["delta"] for t in job.cache.trace]
+        else:
+            trace = [[float(r) for r in d.values()] for _, d in sorted(job.cache.decisions.items())]
         out[name] = (job.latents.numpy(), trace, job.cache.stats.as_dict())
     return out
 
@@ -141,7 +148,7 @@ def cached_reference() -> dict[str, object]:
     return _denoise_cached(_stage())
 
 
-@pytest.mark.parametrize("kind", ["fbcache", "teacache"])
+@pytest.mark.parametrize("kind", ["fbcache", "teacache", "pab"])
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_caches_decide_on_every_rank_as_on_one(name: str, kind: str, parallel_results, cached_reference) -> None:
     """Threshold 0 is the uncached parallel run bit for bit; at the real threshold every rank measures the
@@ -150,9 +157,10 @@ def test_caches_decide_on_every_rank_as_on_one(name: str, kind: str, parallel_re
     per_rank = [parallel_results[rank][name + "/cache"] for rank in range(layout.world_size)]
     latents0, _, stats0 = per_rank[0][kind + "0"]
     np.testing.assert_array_equal(latents0, parallel_results[0][name])
-    assert stats0["forwards_reused"] == 0
+    assert stats0["forwards_reused"] == stats0["attention_reused"] == 0
     ref_latents, ref_trace, ref_stats = cached_reference[kind]
-    assert ref_stats["forwards_reused"] > 0, "the threshold must make the single rank reuse something"
+    assert ref_stats["forwards_reused"] + ref_stats["attention_reused"] > 0, \
+        "the setting must make the single rank reuse something"
     for rank, results in enumerate(per_rank):
         latents, trace, stats = results[kind]
         decisions = {k: v for k, v in stats.items() if k != "peak_extra_bytes"}

@@ -1,0 +1,35 @@
+"""Every cache kind through the real pipelines (Wan2.2 with CFG and two experts, FLUX.1-dev): its "off" setting
+is full compute bit for bit, and a setting that should reuse work does, at the level the kind works at, and
+changes the result. Each kind's decision rule is checked by hand in its own test module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+IDENTITY = [1.0, 0.0]  # TeaCache polynomial P(x) = x: the tiny models have no published one
+
+# kind -> (off setting, reusing setting, the counter that must show reuse)
+KINDS = {
+    "teacache": ({"kind": "teacache", "threshold": 0.0, "coefficients": IDENTITY},
+                 {"kind": "teacache", "threshold": 5.0, "coefficients": IDENTITY}, "forwards_reused"),
+    "easycache": ({"kind": "easycache", "threshold": 0.0, "ret_steps": 2},
+                  {"kind": "easycache", "threshold": 0.9, "ret_steps": 2}, "forwards_reused"),
+    "pab": ({"kind": "pab", "self_range": 1, "cross_range": 1},
+            {"kind": "pab", "warmup": 2, "cooldown": 1}, "attention_reused"),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("family", ["wan", "flux"])
+def test_off_is_full_compute_and_on_reuses(family: str, kind: str, request: pytest.FixtureRequest,
+                                           uncached) -> None:  # noqa: ANN001 - a fixture
+    pipe, params, full = uncached(family, request)
+    off_spec, on_spec, counter = KINDS[kind]
+    off = pipe.generate(params | {"cache": off_spec})
+    assert torch.equal(off.latents, full.latents) and off.cache[counter] == 0
+    on = pipe.generate(params | {"cache": on_spec})
+    assert on.cache[counter] > 0, on.cache
+    if counter == "forwards_reused":
+        assert on.cache["forwards_computed"] + on.cache["forwards_reused"] == params["num_inference_steps"]
+    assert not torch.equal(on.latents, full.latents)
