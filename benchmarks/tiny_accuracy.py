@@ -73,7 +73,7 @@ def score(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "confusion": confusion, "failures": failures}
 
 
-def _row(spec: Any, seed: int, frames: Any) -> dict[str, Any]:
+def detector_row(spec: Any, seed: int, frames: Any) -> dict[str, Any]:
     from models.wan.tiny.shapes import detect
 
     det = detect(frames)
@@ -95,11 +95,11 @@ def reference_rows(specs: list[Any], vae: Any, with_vae: bool) -> dict[str, dict
     truth, recon = [], []
     for i, spec in enumerate(specs):
         video = sample_video(spec, rng)
-        truth.append(_row(spec, i, (video * 255).round().astype(np.uint8)))
+        truth.append(detector_row(spec, i, (video * 255).round().astype(np.uint8)))
         if with_vae:
             with torch.no_grad():
                 decoded = vae.decode(vae.encode(to_model_video(video)))[0]
-            recon.append(_row(spec, i, decoded))
+            recon.append(detector_row(spec, i, decoded))
     out = {"rendered ground truth": score(truth)}
     if with_vae:
         out["VAE reconstruction"] = score(recon)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       "shift": shift, **({"sampler": args.sampler} if args.sampler else {})}
             result = pipeline.generate(params)
             seconds.append(result.timings["total"])
-            rows.append(_row(spec, seed, result.frames))
+            rows.append(detector_row(spec, seed, result.frames))
         resolved = result.params
         run = {"steps": steps, "guidance_scale": guidance, "shift": shift, "sampler": resolved.sampler,
                "height": resolved.height, "width": resolved.width, "num_frames": resolved.num_frames,

@@ -1,0 +1,250 @@
+"""Feature caches on the embedded default model: DiT-time speed-up against quality, in one run.
+
+For a fixed prompt subset of `tiny_accuracy.py`'s set (seed 1000 + prompt index) every request runs once
+with full compute and once per cache setting of the grid, at 50 steps with the model's guidance (two CFG
+branches), each setting right after the full run of the same prompt (so machine drift hits both alike),
+after one untimed warm-up generation.
+Reported per setting:
+- DiT-time speed-up: the sum of the full runs' denoising time over the setting's (`timings["denoise"]`),
+  and the end-to-end speed-up (`timings["total"]`: text encode + denoise + decode; model loading excluded);
+- PSNR per frame of the decoded uint8 video against the full-compute video of the same seed,
+  10 log10(255^2 / MSE) over all pixels and channels, averaged over frames and prompts (an identical frame
+  counts as 100 dB);
+- SSIM per frame (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, L 255) per RGB
+  channel, averaged over channels, frames and prompts;
+- the prompt-following accuracy of the shapes detector (colour, shape and direction all right), with
+  full compute's in the same run;
+- the forwards / attention calls reused and the peak extra memory the cache held.
+LPIPS is not reported: it needs pretrained network weights that these machines cannot download.
+
+TeaCache runs with the identity polynomial P(x) = x on the raw timestep-embedding change: nobody has
+published coefficients for this model and the calibration tool does not exist yet, so its thresholds here
+are not comparable with the published ones. Writes JSON, a speed-quality plot with the Pareto front and a
+contact sheet (frames of full compute next to each setting's) to benchmarks/results/.
+
+    .venv/bin/python benchmarks/cache_bench.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny_accuracy import detector_row, prompt_set, score  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+IDENTITY = [1.0, 0.0]
+GRID: dict[str, dict[str, Any]] = {
+    "fbcache 0.05": {"kind": "fbcache", "threshold": 0.05},
+    "fbcache 0.1": {"kind": "fbcache", "threshold": 0.1},
+    "fbcache 0.2": {"kind": "fbcache", "threshold": 0.2},
+    "fbcache 0.3": {"kind": "fbcache", "threshold": 0.3},
+    "teacache* 0.05": {"kind": "teacache", "threshold": 0.05, "coefficients": IDENTITY},
+    "teacache* 0.1": {"kind": "teacache", "threshold": 0.1, "coefficients": IDENTITY},
+    "teacache* 0.2": {"kind": "teacache", "threshold": 0.2, "coefficients": IDENTITY},
+    "easycache 0.02": {"kind": "easycache", "threshold": 0.02},
+    "easycache 0.05": {"kind": "easycache", "threshold": 0.05},
+    "easycache 0.1": {"kind": "easycache", "threshold": 0.1},
+    "pab s2c3": {"kind": "pab", "self_range": 2, "cross_range": 3},
+    "pab s3c5": {"kind": "pab", "self_range": 3, "cross_range": 5},
+}
+MAX_PSNR = 100.0
+
+logger = logging.getLogger("cache_bench")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 frames (H, W, 3); identical frames give MAX_PSNR."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return MAX_PSNR if mse == 0 else min(MAX_PSNR, 10 * math.log10(255.0 ** 2 / mse))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM of two uint8 frames (H, W, 3): Gaussian 11x11 window, sigma 1.5, per channel, averaged."""
+    import torch
+    import torch.nn.functional as F
+
+    coords = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-coords ** 2 / (2 * 1.5 ** 2))
+    window = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None].expand(3, 1, 11, 11)
+    x = torch.from_numpy(a).double().permute(2, 0, 1)[None]
+    y = torch.from_numpy(b).double().permute(2, 0, 1)[None]
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, window, groups=3)  # "valid" windows only, as the reference implementation
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    value = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return float(value.mean())
+
+
+def video_quality(frames: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """(mean PSNR, mean SSIM) over the frames of a video against the reference video."""
+    return (float(np.mean([psnr(f, r) for f, r in zip(frames, reference)])),
+            float(np.mean([ssim(f, r) for f, r in zip(frames, reference)])))
+
+
+def pareto(points: list[tuple[float, float, str]]) -> list[str]:
+    """Names of the (speed-up, PSNR) points no other point beats on both."""
+    return [n for s, q, n in points if not any(s2 >= s and q2 >= q and (s2, q2) != (s, q) for s2, q2, _ in points)]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from stages.pipeline import Pipeline
+
+    torch.set_num_threads(args.threads)
+    pipeline = Pipeline.from_pretrained(args.model)
+    specs = prompt_set(args.prompts)
+    grid = {name: spec for name, spec in GRID.items() if not args.only or any(k in name for k in args.only)}
+    full: dict[str, list[float]] = {"denoise": [], "total": []}
+    per: dict[str, dict[str, list[Any]]] = {n: {"denoise": [], "total": [], "psnr": [], "ssim": [], "rows": [],
+                                                "cache": []} for n in grid}
+    full_rows, sheet = [], {}
+    pipeline.generate({"prompt": specs[0].prompt, "seed": 0, "num_inference_steps": 2})  # warm-up (weight packing)
+    for i, spec in enumerate(specs):
+        params = {"prompt": spec.prompt, "seed": 1000 + i, "num_inference_steps": args.steps}
+        reference = pipeline.generate(params)
+        full["denoise"].append(reference.timings["denoise"])
+        full["total"].append(reference.timings["total"])
+        full_rows.append(detector_row(spec, 1000 + i, reference.frames))
+        if i == 0:
+            sheet["full compute"] = reference.frames
+        for name, cache in grid.items():
+            result = pipeline.generate(params | {"cache": cache})
+            quality = video_quality(result.frames, reference.frames)
+            entry = per[name]
+            entry["denoise"].append(result.timings["denoise"])
+            entry["total"].append(result.timings["total"])
+            entry["psnr"].append(quality[0])
+            entry["ssim"].append(quality[1])
+            entry["rows"].append(detector_row(spec, 1000 + i, result.frames))
+            entry["cache"].append(result.cache)
+            if i == 0:
+                sheet[name] = result.frames
+        logger.info("prompt %d/%d done", i + 1, len(specs))
+    full_accuracy = score(full_rows)["accuracy"]["all"]
+    results = []
+    for name, entry in per.items():
+        counts = entry["cache"]
+        results.append({
+            "setting": name, "cache": grid[name],
+            "dit_speedup": sum(full["denoise"]) / sum(entry["denoise"]),
+            "e2e_speedup": sum(full["total"]) / sum(entry["total"]),
+            "psnr_db": float(np.mean(entry["psnr"])), "psnr_min_db": float(np.min(entry["psnr"])),
+            "ssim": float(np.mean(entry["ssim"])),
+            "accuracy_all": score(entry["rows"])["accuracy"]["all"],
+            "forwards_reused": sum(c["forwards_reused"] for c in counts) / len(counts),
+            "attention_reused_fraction": (sum(c["attention_reused"] for c in counts)
+                                          / max(1, sum(c["attention_reused"] + c["attention_computed"]
+                                                       for c in counts))),
+            "peak_extra_bytes": max(c["peak_extra_bytes"] for c in counts),
+        })
+    front = pareto([(r["dit_speedup"], r["psnr_db"], r["setting"]) for r in results])
+    for r in results:
+        r["pareto"] = r["setting"] in front
+    return {"results": results, "full_compute": {"accuracy_all": full_accuracy, "denoise_s": sum(full["denoise"]),
+                                                 "total_s": sum(full["total"])},
+            "prompts": [s.prompt for s in specs], "steps": args.steps,
+            "guidance_scale": pipeline.model.defaults.guidance_scale, "model": pipeline.model.name}, sheet
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    kinds = {"fbcache": "tab:blue", "teacache": "tab:orange", "easycache": "tab:green", "pab": "tab:red"}
+    for r in report["results"]:
+        ax.scatter(r["dit_speedup"], r["psnr_db"], color=kinds[r["cache"]["kind"]], s=40)
+        ax.annotate(r["setting"], (r["dit_speedup"], r["psnr_db"]), fontsize=7, xytext=(4, 2),
+                    textcoords="offset points")
+    front = sorted((r["dit_speedup"], r["psnr_db"]) for r in report["results"] if r["pareto"])
+    ax.plot(*zip(*front), color="grey", linestyle="--", linewidth=1, label="Pareto front")
+    ax.axhline(30, color="black", linewidth=0.5, linestyle=":")
+    ax.axvline(2, color="black", linewidth=0.5, linestyle=":")
+    ax.set_xlabel("DiT-time speed-up vs full compute (same run)")
+    ax.set_ylabel("mean PSNR vs full compute (dB)")
+    ax.set_title(f"Feature caches on {report['model']}, {report['steps']} steps, CFG {report['guidance_scale']:g}")
+    for kind, colour in kinds.items():
+        ax.scatter([], [], color=colour, label=kind)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def contact_sheet(sheet: dict[str, np.ndarray], path: Path, columns: int = 5) -> None:
+    """Rows: full compute, then each setting (labelled); columns: evenly spaced frames of the first prompt."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(sheet), columns, figsize=(columns * 1.1 + 1.6, len(sheet) * 1.1), squeeze=False)
+    for row, (name, frames) in zip(axes, sheet.items()):
+        for j, ax in enumerate(row):
+            ax.imshow(frames[int(round(j * (len(frames) - 1) / (columns - 1)))])
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="checkpoint folder; default the embedded model")
+    parser.add_argument("--prompts", type=int, default=6, help="prompts of the tiny_accuracy set (evenly spaced)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", nargs="*", default=None, help="run only settings whose name contains one of these")
+    parser.add_argument("--out", type=Path, default=RESULTS / "cache_bench.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    report, sheet = run(args)
+    report["machine"] = {"threads": args.threads, "cpu": platform.processor() or platform.machine(),
+                         "loadavg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+                         "seconds": round(time.perf_counter() - start, 1)}
+    report["command"] = "benchmarks/cache_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    plot(report, args.out.with_suffix(".png"))
+    contact_sheet(sheet, args.out.with_name(args.out.stem + "_sheet.png"))
+    full = report["full_compute"]
+    print(f"full compute: DiT {full['denoise_s']:.1f} s over {len(report['prompts'])} prompts, "
+          f"detector accuracy {full['accuracy_all']:.0%}")
+    print("| setting | DiT speed-up | end-to-end | PSNR dB (min) | SSIM | accuracy | forwards reused | "
+          "attention reused | extra memory | Pareto |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in report["results"]:
+        print(f"| {r['setting']} | {r['dit_speedup']:.2f}x | {r['e2e_speedup']:.2f}x | {r['psnr_db']:.1f} "
+              f"({r['psnr_min_db']:.1f}) | {r['ssim']:.3f} | {r['accuracy_all']:.0%} | {r['forwards_reused']:.1f} | "
+              f"{r['attention_reused_fraction']:.0%} | {r['peak_extra_bytes'] / 2**20:.1f} MiB | "
+              f"{'yes' if r['pareto'] else ''} |")
+    return report
+
+
+if __name__ == "__main__":
+    main()
