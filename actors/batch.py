@@ -120,7 +120,7 @@ async def _wait_any(engine: StageEngine, waiting: dict[str, BatchItem], rows: di
 def _row(item: BatchItem, record: dict[str, Any], skipped: bool = False) -> dict[str, Any]:
     return {"line": item.line, "key": item.key, "id": record.get("id"), "status": record.get("status"),
             "skipped": skipped, "result_path": record.get("result_path"), "error": record.get("error"),
-            "params": record.get("params", item.params)}
+            "params": record.get("params", item.params), "cache": record.get("cache")}
 
 
 async def main_async(args: argparse.Namespace) -> int:

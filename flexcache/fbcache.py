@@ -66,7 +66,7 @@ class FirstBlockCache(CacheStrategy):
         prev = self._prev_r1
         usable = prev is not None and prev.shape == r1.shape and self._residual is not None \
             and self._residual.shape == img.shape
-        change = self._relative_change(info, info.real(prev), info.real(r1)) if usable \
+        change = relative_change(info, info.real(prev), info.real(r1)) if usable \
             else [float("inf")] * r1.shape[0]
         self.changes.append(change)
         self._prev_r1 = r1
@@ -81,11 +81,12 @@ class FirstBlockCache(CacheStrategy):
             self._residual = r1
         return out_img, out_txt
 
-    @staticmethod
-    def _relative_change(info: StepInfo, prev: torch.Tensor, cur: torch.Tensor) -> list[float]:
-        """Per branch mean|cur - prev| / mean|prev|, the sums taken over every rank's tokens."""
-        dims = tuple(range(1, cur.dim()))
-        sums = torch.stack([(cur - prev).abs().sum(dims, dtype=torch.float64),
-                            prev.abs().sum(dims, dtype=torch.float64)])
-        num, den = info.reduce(sums)
-        return [float(n / d) if d > 0 else float("inf") for n, d in zip(num.tolist(), den.tolist())]
+
+def relative_change(info: StepInfo, prev: torch.Tensor, cur: torch.Tensor, reduce: bool = True) -> list[float]:
+    """Per branch (batch row) mean|cur - prev| / mean|prev|; with `reduce` the sums run over every rank's
+    tokens (`StepInfo.reduce`), so each rank measures what one rank would."""
+    dims = tuple(range(1, cur.dim()))
+    sums = torch.stack([(cur - prev).abs().sum(dims, dtype=torch.float64),
+                        prev.abs().sum(dims, dtype=torch.float64)])
+    num, den = info.reduce(sums) if reduce else sums
+    return [float(n / d) if d > 0 else float("inf") for n, d in zip(num.tolist(), den.tolist())]

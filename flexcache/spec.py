@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-CACHE_KINDS = ("fbcache", "teacache", "easycache", "pab")
+CACHE_KINDS = ("fbcache", "dbcache", "teacache", "easycache", "pab")
 TEACACHE_MODES = ("default", "ret_steps")
 
 
@@ -28,6 +28,25 @@ class FBCacheSpec(BaseModel):
     threshold: float = Field(0.08, ge=0.0, le=1.0,
                              description="Relative change of the first block's residual below which the "
                                          "remaining blocks are reused; FLUX's published default 0.08, 0 off.")
+
+
+class DBCacheSpec(BaseModel):
+    """Dual block cache (cache-dit's DBCache): always run the first `first_blocks` and the last `last_blocks`
+    blocks; past `warmup_steps`, reuse the middle blocks' residual while the first blocks' residual changed by
+    less than `threshold` since the last computed step, within the reuse limits. The defaults are cache-dit's
+    (F8B0, W8, R0.08, no limits)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["dbcache"]
+    threshold: float = Field(0.08, ge=0.0, le=1.0, description="Relative change of the first blocks' residual "
+                                                              "below which the middle blocks are reused; 0 off.")
+    first_blocks: int = Field(8, ge=1, le=128, description="Leading blocks computed every step (Fn).")
+    last_blocks: int = Field(0, ge=0, le=128, description="Trailing blocks computed every step (Bn).")
+    warmup_steps: int = Field(8, ge=0, le=200, description="Leading steps always computed.")
+    max_cached_steps: int | None = Field(None, ge=0, le=200, description="Most steps reused in all; null: no limit.")
+    max_continuous_cached_steps: int | None = Field(None, ge=1, le=200,
+                                                    description="Most steps reused in a row; null: no limit.")
 
 
 class TeaCacheSpec(BaseModel):
@@ -79,11 +98,17 @@ class PABSpec(BaseModel):
     cooldown: int = Field(5, ge=0, le=200, description="Trailing steps always computed.")
 
 
-CacheSpec = Annotated[Union[FBCacheSpec, TeaCacheSpec, EasyCacheSpec, PABSpec], Field(discriminator="kind")]
+CacheSpec = Annotated[Union[FBCacheSpec, DBCacheSpec, TeaCacheSpec, EasyCacheSpec, PABSpec],
+                      Field(discriminator="kind")]
 """One of the cache kinds; `kind` picks the model (`CACHE_KINDS`)."""
 
 CACHE_RULES: dict[str, dict[str, str]] = {
     "fbcache": {"threshold": "a number between 0 and 1 (0 computes every block)"},
+    "dbcache": {"threshold": "a number between 0 and 1 (0 computes every block)",
+                "first_blocks": "an integer between 1 and 128", "last_blocks": "an integer between 0 and 128",
+                "warmup_steps": "an integer between 0 and 200",
+                "max_cached_steps": "null (no limit) or an integer between 0 and 200",
+                "max_continuous_cached_steps": "null (no limit) or an integer between 1 and 200"},
     "teacache": {"threshold": "a number between 0 and 10 (0 computes every block)",
                  "mode": "'default' or 'ret_steps' (Wan)",
                  "coefficients": "a list of 1 to 8 numbers (the rescaling polynomial, highest order first), or "

@@ -70,6 +70,11 @@ def make_strategy(spec: CacheSpec | None, num_steps: int,
         from flexcache.fbcache import FirstBlockCache
 
         return FirstBlockCache(spec.threshold)
+    if spec.kind == "dbcache":
+        from flexcache.dbcache import DualBlockCache
+
+        return DualBlockCache(spec.first_blocks, spec.last_blocks, spec.threshold, spec.warmup_steps,
+                              spec.max_cached_steps, spec.max_continuous_cached_steps)
     if spec.kind == "teacache":
         from flexcache.teacache import TeaCache
 

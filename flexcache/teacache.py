@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flexcache.fbcache import relative_change
 from flexcache.hooks import StepInfo, Streams
 from flexcache.strategy import CacheStrategy, tensor_bytes
 from models.denoiser import CacheSignal
@@ -65,21 +66,13 @@ class TeaCache(CacheStrategy):
                    or self._residual is None)
         deltas = [float("nan")] * branches
         if comparable:
-            deltas = self._relative_change(info, prev, values, current.per_token)  # type: ignore[arg-type]
+            deltas = relative_change(info, prev, values, reduce=current.per_token)  # type: ignore[arg-type]
         acc = self._acc if comparable else [0.0] * branches
         acc = [a + float(self.rescale(d)) for a, d in zip(acc, deltas)] if comparable and not compute else acc
         self._skipping = not compute and all(a < self.threshold for a in acc)
         self._acc = acc if self._skipping else [0.0] * branches
         self._prev = values
         self.trace.append({"step": info.step, "delta": deltas, "acc": list(acc), "reused": self._skipping})
-
-    @staticmethod
-    def _relative_change(info: StepInfo, prev: torch.Tensor, cur: torch.Tensor, per_token: bool) -> list[float]:
-        dims = tuple(range(1, cur.dim()))
-        sums = torch.stack([(cur - prev).abs().sum(dims, dtype=torch.float64),
-                            prev.abs().sum(dims, dtype=torch.float64)])
-        num, den = info.reduce(sums) if per_token else sums
-        return [float(n / d) if d > 0 else float("inf") for n, d in zip(num.tolist(), den.tolist())]
 
     def block(self, info: StepInfo, index: int, block: nn.Module, compute: Callable[..., Streams],
               img: torch.Tensor, txt: torch.Tensor | None) -> Streams:

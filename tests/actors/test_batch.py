@@ -50,6 +50,9 @@ def test_ray_job_submit_batch_and_resume(head_node: HeadNode, tiny_model: str, t
                     "num_inference_steps": 2, "seed": 2}),
         json.dumps({"id": "bad", "prompt": "too tall", "height": 100}),
         "this line is not json",
+        json.dumps({"id": "cached", "prompt": "a green triangle", "height": 32, "width": 32, "num_frames": 5,
+                    "num_inference_steps": 4, "seed": 3, "cache": {"kind": "fbcache", "threshold": 0.5}}),
+        json.dumps({"id": "badcache", "prompt": "x", "cache": {"kind": "fbcache", "threshold": 7}}),
     ]) + "\n")
     out = tmp_path / "out"
     args = ["--input", str(prompts), "--output", str(out), "--set", f"model={tiny_model}", "--quiet"]
@@ -63,6 +66,13 @@ def test_ray_job_submit_batch_and_resume(head_node: HeadNode, tiny_model: str, t
     assert all(Path(row["result_path"]).is_file() for row in rows if row["status"] == "succeeded")
     assert by_key["bad"]["status"] == "failed" and "height" in by_key["bad"]["error"]
     assert [row["status"] for row in rows][3] == "failed" and rows[3]["error"].startswith("line 4")
+    # a line's feature cache runs; its settings and counts land in the manifest and the sidecar
+    assert by_key["cached"]["status"] == "succeeded" and by_key["cached"]["params"]["cache"]["threshold"] == 0.5
+    counts = by_key["cached"]["cache"]
+    assert counts["forwards_computed"] + counts["forwards_reused"] == 4
+    sidecar = json.loads(Path(by_key["cached"]["result_path"]).with_suffix(".json").read_text())
+    assert sidecar["cache"] == counts and sidecar["params"]["cache"]["kind"] == "fbcache"
+    assert by_key["badcache"]["status"] == "failed" and "cache.threshold" in by_key["badcache"]["error"]
 
     second = _submit(head_node.env, args)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]

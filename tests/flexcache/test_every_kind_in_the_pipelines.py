@@ -11,6 +11,9 @@ IDENTITY = [1.0, 0.0]  # TeaCache polynomial P(x) = x: the tiny models have no p
 
 # kind -> (off setting, reusing setting, the counter that must show reuse)
 KINDS = {
+    "dbcache": ({"kind": "dbcache", "threshold": 0.0, "first_blocks": 1, "last_blocks": 0, "warmup_steps": 1},
+                {"kind": "dbcache", "threshold": 0.9, "first_blocks": 1, "last_blocks": 0, "warmup_steps": 1},
+                "forwards_reused"),
     "teacache": ({"kind": "teacache", "threshold": 0.0, "coefficients": IDENTITY},
                  {"kind": "teacache", "threshold": 5.0, "coefficients": IDENTITY}, "forwards_reused"),
     "easycache": ({"kind": "easycache", "threshold": 0.0, "ret_steps": 2},

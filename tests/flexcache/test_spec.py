@@ -14,9 +14,9 @@ from stages.params import GenerationParams
 
 BAD_CACHES = {
     "threshold out of range": ({"kind": "fbcache", "threshold": 2}, "cache.threshold must be a number between 0 and 1"),
-    "unknown kind": ({"kind": "nope"}, "cache.kind must be one of 'fbcache', 'teacache'"),
+    "unknown kind": ({"kind": "nope"}, "cache.kind must be one of 'fbcache', 'dbcache', 'teacache'"),
     "unknown knob": ({"kind": "fbcache", "window": 3}, "cache has no knob 'window' for fbcache"),
-    "no kind": ({"threshold": 0.1}, "cache.kind must be one of 'fbcache', 'teacache'"),
+    "no kind": ({"threshold": 0.1}, "cache.kind must be one of 'fbcache', 'dbcache', 'teacache'"),
     "teacache mode": ({"kind": "teacache", "mode": "fast"}, "cache.mode must be 'default' or 'ret_steps' (Wan)"),
     "not an object": (3, "cache must be null (no feature cache) or an object"),
 }

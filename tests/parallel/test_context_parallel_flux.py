@@ -74,13 +74,16 @@ def _denoise(stage) -> np.ndarray:
     return stage.run_steps(_job(stage)).latents.numpy()
 
 
-# (spec, its measured indicator trace on this model): FBCache's first-block changes 0.87, 0.83 -> one step
-# computed, one reused at 0.85; TeaCache's (identity polynomial) middle step 0.43 -> reused at 0.5.
+# (spec, its measured indicator trace on this model): FBCache's (and DBCache F1's) first-block changes 0.87,
+# 0.83 -> one step computed, one reused at 0.85; TeaCache's (identity polynomial) middle step 0.43 -> reused
+# at 0.5.
 CACHES = {
     "fbcache0": {"kind": "fbcache", "threshold": 0.0},
     "fbcache": {"kind": "fbcache", "threshold": 0.85},
     "teacache0": {"kind": "teacache", "threshold": 0.0, "coefficients": [1.0, 0.0]},
     "teacache": {"kind": "teacache", "threshold": 0.5, "coefficients": [1.0, 0.0]},
+    "dbcache0": {"kind": "dbcache", "threshold": 0.0, "first_blocks": 1, "last_blocks": 1, "warmup_steps": 0},
+    "dbcache": {"kind": "dbcache", "threshold": 0.85, "first_blocks": 1, "last_blocks": 1, "warmup_steps": 0},
     "pab0": {"kind": "pab", "self_range": 1, "cross_range": 1},
     "pab": {"kind": "pab", "self_range": 2, "warmup": 1, "cooldown": 0},  # step 2 reuses every joint attention
 }
@@ -91,7 +94,7 @@ def _denoise_cached(stage) -> dict[str, object]:
     out: dict[str, object] = {}
     for name, spec in CACHES.items():
         job = stage.run_steps(_job(stage, spec))
-        if spec["kind"] == "fbcache":
+        if spec["kind"] in ("fbcache", "dbcache"):
             trace = job.cache.changes
         elif spec["kind"] == "teacache":
             trace = [t["delta"] for t in job.cache.trace]
@@ -148,7 +151,7 @@ def cached_reference() -> dict[str, object]:
     return _denoise_cached(_stage())
 
 
-@pytest.mark.parametrize("kind", ["fbcache", "teacache", "pab"])
+@pytest.mark.parametrize("kind", ["fbcache", "dbcache", "teacache", "pab"])
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_caches_decide_on_every_rank_as_on_one(name: str, kind: str, parallel_results, cached_reference) -> None:
     """Threshold 0 is the uncached parallel run bit for bit; at the real threshold every rank measures the
