@@ -23,9 +23,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from flexcache.fbcache import relative_change
 from flexcache.hooks import StepInfo, Streams
-from flexcache.strategy import CacheStrategy, tensor_bytes
+from flexcache.strategy import CacheStrategy, relative_change, tensor_bytes
 
 
 class DualBlockCache(CacheStrategy):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from flexcache.hooks import StepInfo, Streams
-from flexcache.strategy import CacheStrategy, tensor_bytes
+from flexcache.strategy import CacheStrategy, relative_change, tensor_bytes
 
 
 class FirstBlockCache(CacheStrategy):
@@ -80,13 +80,3 @@ class FirstBlockCache(CacheStrategy):
         if last == 0:
             self._residual = r1
         return out_img, out_txt
-
-
-def relative_change(info: StepInfo, prev: torch.Tensor, cur: torch.Tensor, reduce: bool = True) -> list[float]:
-    """Per branch (batch row) mean|cur - prev| / mean|prev|; with `reduce` the sums run over every rank's
-    tokens (`StepInfo.reduce`), so each rank measures what one rank would."""
-    dims = tuple(range(1, cur.dim()))
-    sums = torch.stack([(cur - prev).abs().sum(dims, dtype=torch.float64),
-                        prev.abs().sum(dims, dtype=torch.float64)])
-    num, den = info.reduce(sums) if reduce else sums
-    return [float(n / d) if d > 0 else float("inf") for n, d in zip(num.tolist(), den.tolist())]

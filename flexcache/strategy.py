@@ -16,7 +16,7 @@ from typing import Mapping
 
 import torch
 
-from flexcache.hooks import ForwardHooks
+from flexcache.hooks import ForwardHooks, StepInfo
 from flexcache.spec import CacheSpec
 
 
@@ -56,6 +56,16 @@ class CacheStrategy(ForwardHooks):
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def relative_change(info: StepInfo, prev: torch.Tensor, cur: torch.Tensor, reduce: bool = True) -> list[float]:
+    """Per branch (batch row) mean|cur - prev| / mean|prev|; with `reduce` the sums run over every rank's
+    tokens (`StepInfo.reduce`), so each rank measures what one rank would."""
+    dims = tuple(range(1, cur.dim()))
+    sums = torch.stack([(cur - prev).abs().sum(dims, dtype=torch.float64),
+                        prev.abs().sum(dims, dtype=torch.float64)])
+    num, den = info.reduce(sums) if reduce else sums
+    return [float(n / d) if d > 0 else float("inf") for n, d in zip(num.tolist(), den.tolist())]
 
 
 def make_strategy(spec: CacheSpec | None, num_steps: int,

@@ -21,9 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from flexcache.fbcache import relative_change
 from flexcache.hooks import StepInfo, Streams
-from flexcache.strategy import CacheStrategy, tensor_bytes
+from flexcache.strategy import CacheStrategy, relative_change, tensor_bytes
 from models.denoiser import CacheSignal
 
 FORCED_FIRST_STEPS = {"default": 1, "ret_steps": 5}
