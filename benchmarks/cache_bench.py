@@ -7,11 +7,8 @@ machine drift hits both alike), after one untimed warm-up generation.
 Reported per setting:
 - DiT-time speed-up: the sum of the prompts' baseline denoising time over the setting's
   (`timings["denoise"]`), with the median of the per-prompt ratios (paired), and the end-to-end speed-up (`timings["total"]`: text encode + denoise + decode; model loading excluded);
-- PSNR per frame of the decoded uint8 video against the full-compute video of the same seed,
-  10 log10(255^2 / MSE) over all pixels and channels, averaged over frames and prompts (an identical frame
-  counts as 100 dB);
-- SSIM per frame (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, L 255) per RGB
-  channel, averaged over channels, frames and prompts;
+- PSNR and SSIM per frame of the decoded uint8 video against the full-compute video of the same seed
+  (`stages/quality.py` says how), averaged over frames and prompts;
 - the prompt-following accuracy of the shapes detector (colour, shape and direction all right), with
   full compute's in the same run;
 - the forwards / attention calls reused and the peak extra memory the cache held.
@@ -30,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import platform
 import sys
@@ -44,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_accuracy import detector_row, prompt_set, score  # noqa: E402
+
+from stages.quality import video_quality  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IDENTITY = [1.0, 0.0]
@@ -65,42 +63,8 @@ GRID: dict[str, dict[str, Any]] = {
     "pab s2c3": {"kind": "pab", "self_range": 2, "cross_range": 3},
     "pab s3c5": {"kind": "pab", "self_range": 3, "cross_range": 5},
 }
-MAX_PSNR = 100.0
 
 logger = logging.getLogger("cache_bench")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 frames (H, W, 3); identical frames give MAX_PSNR."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return MAX_PSNR if mse == 0 else min(MAX_PSNR, 10 * math.log10(255.0 ** 2 / mse))
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean SSIM of two uint8 frames (H, W, 3): Gaussian 11x11 window, sigma 1.5, per channel, averaged."""
-    import torch
-    import torch.nn.functional as F
-
-    coords = torch.arange(11, dtype=torch.float64) - 5
-    g = torch.exp(-coords ** 2 / (2 * 1.5 ** 2))
-    window = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None].expand(3, 1, 11, 11)
-    x = torch.from_numpy(a).double().permute(2, 0, 1)[None]
-    y = torch.from_numpy(b).double().permute(2, 0, 1)[None]
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, window, groups=3)  # "valid" windows only, as the reference implementation
-
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
-    value = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
-    return float(value.mean())
-
-
-def video_quality(frames: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """(mean PSNR, mean SSIM) over the frames of a video against the reference video."""
-    return (float(np.mean([psnr(f, r) for f, r in zip(frames, reference)])),
-            float(np.mean([ssim(f, r) for f, r in zip(frames, reference)])))
 
 
 def pareto(points: list[tuple[float, float, str]]) -> list[str]:

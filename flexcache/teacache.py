@@ -19,17 +19,17 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch import nn
 
-from flexcache.hooks import StepInfo, Streams
-from flexcache.strategy import CacheStrategy, relative_change, tensor_bytes
+from flexcache.hooks import StepInfo
+from flexcache.stack_residual import StackResidualCache
+from flexcache.strategy import relative_change, tensor_bytes
 from models.denoiser import CacheSignal
 
 FORCED_FIRST_STEPS = {"default": 1, "ret_steps": 5}
 FORCED_LAST_STEP = {"default": True, "ret_steps": False}
 
 
-class TeaCache(CacheStrategy):
+class TeaCache(StackResidualCache):
     """TeaCache over `num_steps` steps with `coefficients` (highest order first) on the model's `signal`."""
 
     def __init__(self, threshold: float, coefficients: tuple[float, ...], signal: str, num_steps: int,
@@ -43,14 +43,12 @@ class TeaCache(CacheStrategy):
         self.reset()
 
     def reset(self) -> None:
+        super().reset()
         self._prev: torch.Tensor | None = None
         self._acc: list[float] = []
-        self._residual: torch.Tensor | None = None
-        self._input: torch.Tensor | None = None
-        self._skipping = False
 
     def extra_bytes(self) -> int:
-        return tensor_bytes(self._prev, self._residual)
+        return super().extra_bytes() + tensor_bytes(self._prev)
 
     def _forced(self, step: int) -> bool:
         return step < FORCED_FIRST_STEPS[self.mode] or (FORCED_LAST_STEP[self.mode] and step == self.num_steps - 1)
@@ -62,32 +60,13 @@ class TeaCache(CacheStrategy):
         prev, branches = self._prev, values.shape[0]
         comparable = prev is not None and prev.shape == values.shape and len(self._acc) == branches
         compute = (not comparable or self.threshold == 0 or self._forced(info.step)
-                   or self._residual is None)
+                   or not self.can_reuse(info))
         deltas = [float("nan")] * branches
         if comparable:
             deltas = relative_change(info, prev, values, reduce=current.per_token)  # type: ignore[arg-type]
         acc = self._acc if comparable else [0.0] * branches
         acc = [a + float(self.rescale(d)) for a, d in zip(acc, deltas)] if comparable and not compute else acc
-        self._skipping = not compute and all(a < self.threshold for a in acc)
-        self._acc = acc if self._skipping else [0.0] * branches
+        self.skipping = not compute and all(a < self.threshold for a in acc)
+        self._acc = acc if self.skipping else [0.0] * branches
         self._prev = values
-        self.trace.append({"step": info.step, "delta": deltas, "acc": list(acc), "reused": self._skipping})
-
-    def block(self, info: StepInfo, index: int, block: nn.Module, compute: Callable[..., Streams],
-              img: torch.Tensor, txt: torch.Tensor | None) -> Streams:
-        if self._skipping:
-            self.stats.blocks_reused += 1
-            if index == 0:
-                self.stats.forwards_reused += 1
-                self._account_memory()
-                return img + self._residual, txt
-            return img, txt
-        if index == 0:
-            self.stats.forwards_computed += 1
-            self._input = img
-        out_img, out_txt = compute(img, txt)
-        self.stats.blocks_computed += 1
-        if index == info.num_blocks - 1:
-            self._residual = out_img - self._input
-            self._account_memory()
-        return out_img, out_txt
+        self.trace.append({"step": info.step, "delta": deltas, "acc": list(acc), "reused": self.skipping})

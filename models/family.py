@@ -150,7 +150,10 @@ class ModelDescription:
     from `latent`); guidance_scale_2: the second expert's default guidance (None with one expert: no
     such request field); negative_prompt: what an empty negative prompt means (cfg models only);
     components: where each part's weights live (for logs and diagnostics); teacache: TeaCache's modes on
-    this model (mode -> signal and published coefficients).
+    this model (mode -> signal and published coefficients); num_blocks: the DiT's blocks, every kind (0:
+    not known); magcache: MagCache's residual-norm ratio curves, one per branch (conditional first), None
+    where none is published or calibrated; cache_thresholds: from a calibration, per cache kind the
+    (mean PSNR in dB, threshold) points it measured, for requests that name a quality target.
     """
 
     family: str
@@ -169,6 +172,9 @@ class ModelDescription:
     negative_prompt: str = ""
     components: Mapping[str, Path] = field(default_factory=dict)
     teacache: Mapping[str, TeaCacheCalibration] = field(default_factory=dict)
+    num_blocks: int = 0
+    magcache: tuple[tuple[float, ...], ...] | None = None
+    cache_thresholds: Mapping[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.defaults.sampler not in self.samplers:

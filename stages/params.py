@@ -262,23 +262,35 @@ class GenerationParams(BaseModel):
 
 def _cache_problem(cache: Any, model: ModelDescription) -> str | None:
     """What a cache spec needs from this model and does not get, in words (None: it runs here)."""
-    if cache is None or cache.kind != "teacache":
+    if cache is None:
         return None
-    calibration = model.teacache.get(cache.mode)
-    if calibration is None:
-        modes = ", ".join(repr(m) for m in model.teacache) or "none"
-        return f"an object whose mode is a TeaCache mode of {model.name} ({modes})"
-    if cache.coefficients is None and calibration.coefficients is None:
-        return (f"an object with coefficients for TeaCache on {model.name} (none are published for its mode "
-                f"{cache.mode!r})")
+    if cache.kind == "teacache":
+        calibration = model.teacache.get(cache.mode)
+        if calibration is None:
+            modes = ", ".join(repr(m) for m in model.teacache) or "none"
+            return f"an object whose mode is a TeaCache mode of {model.name} ({modes})"
+        if cache.coefficients is None and calibration.coefficients is None:
+            return (f"an object with coefficients for TeaCache on {model.name} (none are published or calibrated "
+                    f"for its mode {cache.mode!r})")
+    if cache.kind == "magcache" and cache.ratios is None and model.magcache is None:
+        return (f"an object with ratios for MagCache on {model.name} (none are published or calibrated for it; "
+                f"`smartdiff calibrate` measures them)")
+    if cache.kind == "blockdance" and model.num_blocks and cache.boundary_block >= model.num_blocks:
+        return (f"an object whose boundary_block is below {model.name}'s {model.num_blocks} blocks, got "
+                f"boundary_block {cache.boundary_block}")
     return None
 
 
 def _resolved_cache(cache: Any, model: ModelDescription) -> Any:
-    """The cache spec with the model's published TeaCache coefficients filled in (so the record names them)."""
-    if cache is None or cache.kind != "teacache" or cache.coefficients is not None:
+    """The cache spec with the model's TeaCache coefficients or MagCache curves filled in (so the record
+    names what ran)."""
+    if cache is None:
         return cache
-    return cache.model_copy(update={"coefficients": model.teacache[cache.mode].coefficients})
+    if cache.kind == "teacache" and cache.coefficients is None:
+        return cache.model_copy(update={"coefficients": model.teacache[cache.mode].coefficients})
+    if cache.kind == "magcache" and cache.ratios is None:
+        return cache.model_copy(update={"ratios": model.magcache})
+    return cache
 
 
 def model_rules(model: ModelDescription) -> dict[str, str]:

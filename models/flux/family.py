@@ -61,6 +61,17 @@ FLUX_TEACACHE_COEFFICIENTS = {"flux1-dev": (4.98651651e+02, -2.83781631e+02, 5.5
                                             2.64230861e-01)}
 
 
+# MagCache's published residual-norm ratio curve for FLUX.1-dev (Zehong-Ma/MagCache's MagCache4FLUX, calibrated
+# with 28 steps; one branch; the first step padded with 1.0). Other step counts resample it (nearest point).
+FLUX_MAGCACHE_RATIOS: dict[str, tuple[tuple[float, ...], ...]] = {
+    "flux1-dev": ((
+        1.0, 1.21094, 1.11719, 1.07812, 1.0625, 1.03906, 1.03125, 1.03906, 1.02344, 1.03125, 1.02344, 0.98047,
+        1.01562, 1.00781, 1.0, 1.00781, 1.0, 1.00781, 1.0, 1.0, 0.99609, 0.99609, 0.98047, 0.98828, 0.96484,
+        0.95703, 0.93359, 0.89062,
+    ),),
+}
+
+
 def description(preset: FluxPreset, root: Path = Path("."), components: dict[str, Path] | None = None
                 ) -> ModelDescription:
     """What a FLUX.1 preset means to the layers above models/ (also for presets without a folder).
@@ -73,7 +84,9 @@ def description(preset: FluxPreset, root: Path = Path("."), components: dict[str
         guidance="distilled" if preset.dit.guidance_embed else "none", defaults=preset.defaults, latent=FLUX_LATENT,
         text_len=preset.max_sequence_length, samplers=FLUX_SAMPLERS, max_frames=1,
         components=dict(components or {}),
-        teacache={"default": TeaCacheCalibration("modulated_input", FLUX_TEACACHE_COEFFICIENTS.get(preset.name))})
+        teacache={"default": TeaCacheCalibration("modulated_input", FLUX_TEACACHE_COEFFICIENTS.get(preset.name))},
+        num_blocks=preset.dit.num_double_blocks + preset.dit.num_single_blocks,
+        magcache=FLUX_MAGCACHE_RATIOS.get(preset.name))
 
 
 # ---- factories: what the stages build from a description (torch and transformers load only here) ----

@@ -87,7 +87,7 @@ def test_resolution_fills_the_models_coefficients_or_refuses_naming_them() -> No
     resolved = GenerationParams(prompt="p", cache={"kind": "teacache", "threshold": 0.4}).resolve(dev)
     assert resolved.cache.coefficients == dev.teacache["default"].coefficients and resolved.cache.threshold == 0.4
     tiny = flux_description(FLUX_PRESETS["flux-tiny"])
-    with pytest.raises(ValidationError, match="none are published for its mode 'default'"):
+    with pytest.raises(ValidationError, match="none are published or calibrated for its mode 'default'"):
         GenerationParams(prompt="p", cache={"kind": "teacache"}).resolve(tiny)
     with pytest.raises(ValidationError, match=r"mode is a TeaCache mode of flux1-dev \('default'\)"):
         GenerationParams(prompt="p", cache={"kind": "teacache", "mode": "ret_steps"}).resolve(dev)
