@@ -14,10 +14,12 @@ Reported per setting:
 - the forwards / attention calls reused and the peak extra memory the cache held.
 LPIPS is not reported: it needs pretrained network weights that these machines cannot download.
 
-TeaCache runs with the identity polynomial P(x) = x on the raw timestep-embedding change: nobody has
-published coefficients for this model and the calibration tool does not exist yet, so its thresholds here
-are not comparable with the published ones. Writes JSON, a speed-quality plot with the Pareto front and a
-contact sheet (frames of full compute next to each setting's) to benchmarks/results/.
+TeaCache and MagCache run twice: with the model's shipped calibration (made by `smartdiff calibrate` on other
+prompts of the same set) and with the coefficients / ratio curves published for Wan2.1-T2V-1.3B, at the same
+thresholds; `calibrated_vs_wan13b` in the JSON says which published points a calibrated one dominates. The
+"target 30 dB" settings ask for a quality target instead of a threshold (resolved from the calibration).
+Writes JSON, a speed-quality plot with the Pareto front and a contact sheet (frames of full compute next to
+each setting's) to benchmarks/results/.
 
     .venv/bin/python benchmarks/cache_bench.py
 """
@@ -41,30 +43,77 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_accuracy import detector_row, prompt_set, score  # noqa: E402
 
+from models.wan.family import WAN_MAGCACHE_RATIOS, WAN_TEACACHE_COEFFICIENTS  # noqa: E402
 from stages.quality import video_quality  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-IDENTITY = [1.0, 0.0]
+WAN13B_TEACACHE = list(WAN_TEACACHE_COEFFICIENTS["wan2.1-t2v-1.3b"]["default"])
+WAN13B_MAGCACHE = [list(curve) for curve in WAN_MAGCACHE_RATIOS["wan2.1-t2v-1.3b"]]
 GRID: dict[str, dict[str, Any]] = {
     "fbcache 0.05": {"kind": "fbcache", "threshold": 0.05},
     "fbcache 0.1": {"kind": "fbcache", "threshold": 0.1},
     "fbcache 0.2": {"kind": "fbcache", "threshold": 0.2},
-    "fbcache 0.3": {"kind": "fbcache", "threshold": 0.3},
     "dbcache F1B1 W4 0.12": {"kind": "dbcache", "threshold": 0.12, "first_blocks": 1, "last_blocks": 1,
                              "warmup_steps": 4},
+    "dbcache F1B1 W4 0.12 TS": {"kind": "dbcache", "threshold": 0.12, "first_blocks": 1, "last_blocks": 1,
+                                "warmup_steps": 4, "taylorseer": True},
     "dbcache F1B0 W4 MC6 0.24": {"kind": "dbcache", "threshold": 0.24, "first_blocks": 1, "last_blocks": 0,
                                  "warmup_steps": 4, "max_continuous_cached_steps": 6},
-    "teacache* 0.05": {"kind": "teacache", "threshold": 0.05, "coefficients": IDENTITY},
-    "teacache* 0.1": {"kind": "teacache", "threshold": 0.1, "coefficients": IDENTITY},
-    "teacache* 0.2": {"kind": "teacache", "threshold": 0.2, "coefficients": IDENTITY},
-    "easycache 0.02": {"kind": "easycache", "threshold": 0.02},
+    "teacache 0.05": {"kind": "teacache", "threshold": 0.05},
+    "teacache 0.1": {"kind": "teacache", "threshold": 0.1},
+    "teacache 0.2": {"kind": "teacache", "threshold": 0.2},
+    "teacache wan1.3b 0.05": {"kind": "teacache", "threshold": 0.05, "coefficients": WAN13B_TEACACHE},
+    "teacache wan1.3b 0.1": {"kind": "teacache", "threshold": 0.1, "coefficients": WAN13B_TEACACHE},
+    "teacache wan1.3b 0.2": {"kind": "teacache", "threshold": 0.2, "coefficients": WAN13B_TEACACHE},
+    "magcache 0.06": {"kind": "magcache", "threshold": 0.06},
+    "magcache 0.12": {"kind": "magcache", "threshold": 0.12},
+    "magcache 0.24": {"kind": "magcache", "threshold": 0.24},
+    "magcache K4 0.24": {"kind": "magcache", "threshold": 0.24, "max_skip_steps": 4},
+    "magcache wan1.3b 0.06": {"kind": "magcache", "threshold": 0.06, "ratios": WAN13B_MAGCACHE},
+    "magcache wan1.3b 0.12": {"kind": "magcache", "threshold": 0.12, "ratios": WAN13B_MAGCACHE},
+    "magcache wan1.3b 0.24": {"kind": "magcache", "threshold": 0.24, "ratios": WAN13B_MAGCACHE},
     "easycache 0.05": {"kind": "easycache", "threshold": 0.05},
     "easycache 0.1": {"kind": "easycache", "threshold": 0.1},
+    "easycache 0.2": {"kind": "easycache", "threshold": 0.2},
+    "easycache target 30 dB": {"kind": "easycache", "target_psnr": 30},
+    "magcache target 30 dB": {"kind": "magcache", "target_psnr": 30},
+    "meancache B25": {"kind": "meancache", "fresh_steps": 25},
+    "meancache B17": {"kind": "meancache", "fresh_steps": 17},
+    "meancache B10": {"kind": "meancache", "fresh_steps": 10},
+    "blockdance b1g2": {"kind": "blockdance", "boundary_block": 1, "group_size": 2},
+    "blockdance b2g3": {"kind": "blockdance", "boundary_block": 2, "group_size": 3},
     "pab s2c3": {"kind": "pab", "self_range": 2, "cross_range": 3},
     "pab s3c5": {"kind": "pab", "self_range": 3, "cross_range": 5},
+    "taylorseer N3O1": {"kind": "taylorseer", "interval": 3, "max_order": 1},
+    "taylorseer N5O1": {"kind": "taylorseer", "interval": 5, "max_order": 1},
 }
+KIND_COLOURS = {"fbcache": "tab:blue", "dbcache": "tab:purple", "teacache": "tab:orange", "magcache": "tab:brown",
+                "easycache": "tab:green", "meancache": "tab:olive", "blockdance": "tab:cyan", "pab": "tab:red",
+                "taylorseer": "tab:pink"}
 
 logger = logging.getLogger("cache_bench")
+
+
+def fitted_vs_published(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per calibrated kind: each published-coefficient setting beside the calibrated one at the same threshold,
+    and whether some calibrated setting is at least as fast and as close to full compute (dominates it)."""
+    out: dict[str, Any] = {}
+    for kind in ("teacache", "magcache"):
+        fitted = [r for r in results if r["cache"]["kind"] == kind and set(r["cache"]) == {"kind", "threshold"}]
+        published = [r for r in results if r["cache"]["kind"] == kind
+                     and set(r["cache"]) == {"kind", "threshold", "coefficients" if kind == "teacache" else "ratios"}]
+        if not fitted or not published:
+            continue
+        rows = []
+        for p in published:
+            threshold = p["cache"]["threshold"]
+            same = next((f for f in fitted if f["cache"]["threshold"] == threshold), None)
+            rows.append({"threshold": threshold, "published": [p["dit_speedup"], p["psnr_db"]],
+                         "calibrated": [same["dit_speedup"], same["psnr_db"]] if same else None,
+                         "dominated_by_calibrated": any(f["dit_speedup"] >= p["dit_speedup"] and
+                                                        f["psnr_db"] >= p["psnr_db"] for f in fitted)})
+        out[kind] = {"rows": rows, "published_points_dominated": sum(r["dominated_by_calibrated"] for r in rows)}
+    return out
 
 
 def pareto(points: list[tuple[float, float, str]]) -> list[str]:
@@ -134,7 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     front = pareto([(r["dit_speedup"], r["psnr_db"], r["setting"]) for r in results])
     for r in results:
         r["pareto"] = r["setting"] in front
-    return {"results": results, "full_compute": {"accuracy_all": full_accuracy, "denoise_s": sum(full["denoise"]),
+    return {"results": results, "calibrated_vs_wan13b": fitted_vs_published(results), "full_compute": {"accuracy_all": full_accuracy, "denoise_s": sum(full["denoise"]),
                                                  "total_s": sum(full["total"])},
             "prompts": [s.prompt for s in specs], "steps": args.steps,
             "guidance_scale": pipeline.model.defaults.guidance_scale, "model": pipeline.model.name}, sheet
@@ -147,8 +196,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    kinds = {"fbcache": "tab:blue", "dbcache": "tab:purple", "teacache": "tab:orange", "easycache": "tab:green",
-             "pab": "tab:red"}
+    kinds = {k: c for k, c in KIND_COLOURS.items() if any(r["cache"]["kind"] == k for r in report["results"])}
     for r in report["results"]:
         ax.scatter(r["dit_speedup"], r["psnr_db"], color=kinds[r["cache"]["kind"]], s=40)
         ax.annotate(r["setting"], (r["dit_speedup"], r["psnr_db"]), fontsize=7, xytext=(4, 2),

@@ -12,7 +12,7 @@ activations are not comparable.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -69,10 +69,12 @@ def relative_change(info: StepInfo, prev: torch.Tensor, cur: torch.Tensor, reduc
 
 
 def make_strategy(spec: CacheSpec | None, num_steps: int,
-                  teacache_signals: Mapping[str, str] | None = None) -> CacheStrategy | None:
+                  teacache_signals: Mapping[str, str] | None = None,
+                  sigmas: Sequence[float] | None = None) -> CacheStrategy | None:
     """The strategy a request's (resolved) `cache` spec names, for a job of `num_steps` steps; None: no cache.
 
-    teacache_signals: the model's TeaCache mode -> `cache_signal` name (`ModelDescription.teacache`).
+    teacache_signals: the model's TeaCache mode -> `cache_signal` name (`ModelDescription.teacache`);
+    sigmas: the sampler's noise levels (num_steps + 1, a final 0), for the caches that extrapolate along them.
     """
     if spec is None:
         return None
@@ -84,7 +86,8 @@ def make_strategy(spec: CacheSpec | None, num_steps: int,
         from flexcache.dbcache import DualBlockCache
 
         return DualBlockCache(spec.first_blocks, spec.last_blocks, spec.threshold, spec.warmup_steps,
-                              spec.max_cached_steps, spec.max_continuous_cached_steps)
+                              spec.max_cached_steps, spec.max_continuous_cached_steps, spec.warmup_interval,
+                              spec.taylorseer_order if spec.taylorseer else None)
     if spec.kind == "teacache":
         from flexcache.teacache import TeaCache
 
@@ -93,6 +96,13 @@ def make_strategy(spec: CacheSpec | None, num_steps: int,
             raise ValueError(f"TeaCache mode {spec.mode!r} needs the model's signal for it and coefficients "
                              f"(resolve the request against the model's description)")
         return TeaCache(spec.threshold, spec.coefficients, signal, num_steps, spec.mode)
+    if spec.kind == "magcache":
+        from flexcache.magcache import MagCache
+
+        if spec.ratios is None:
+            raise ValueError("MagCache needs residual-norm ratios (resolve the request against the model's "
+                             "description, or give them)")
+        return MagCache(spec.threshold, spec.max_skip_steps, spec.retention_ratio, spec.ratios, num_steps)
     if spec.kind == "easycache":
         from flexcache.easycache import EasyCache
 
@@ -101,4 +111,19 @@ def make_strategy(spec: CacheSpec | None, num_steps: int,
         from flexcache.pab import PyramidAttentionBroadcast
 
         return PyramidAttentionBroadcast(spec.self_range, spec.cross_range, spec.warmup, spec.cooldown, num_steps)
+    if spec.kind == "meancache":
+        from flexcache.meancache import MeanCache
+
+        if sigmas is None or len(sigmas) != num_steps + 1:
+            raise ValueError("MeanCache needs the sampler's num_steps + 1 sigmas")
+        return MeanCache(spec.fresh_steps, spec.use_jvp, [float(s) for s in sigmas])
+    if spec.kind == "blockdance":
+        from flexcache.blockdance import BlockDance
+
+        return BlockDance(spec.boundary_block, spec.group_size, spec.start_fraction, spec.end_fraction,
+                          spec.warmup, spec.cooldown, num_steps)
+    if spec.kind == "taylorseer":
+        from flexcache.taylorseer import TaylorSeer
+
+        return TaylorSeer(spec.interval, spec.max_order, spec.warmup_steps, num_steps)
     raise ValueError(f"unknown cache kind {spec.kind!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 
 OutputKind = Literal["video", "image"]
 GuidanceKind = Literal["cfg", "distilled", "none"]
@@ -138,6 +138,20 @@ class TeaCacheCalibration:
 
 
 @dataclass(frozen=True)
+class CacheThresholds:
+    """A calibration's sweep of one cache kind on this model: the knobs it ran (`spec`, without the threshold)
+    and the (mean PSNR in dB against full compute, threshold) points it measured."""
+
+    spec: Mapping[str, Any]
+    points: tuple[tuple[float, float], ...]
+
+    def threshold_for(self, target_psnr: float) -> float:
+        """The largest measured threshold whose mean PSNR met the target; 0 (full compute) when none did."""
+        met = [threshold for psnr, threshold in self.points if psnr >= target_psnr]
+        return max(met) if met else 0.0
+
+
+@dataclass(frozen=True)
 class ModelDescription:
     """One served model, as the layers above `models/` see it; the request schema's per-model rules come from it.
 
@@ -152,8 +166,8 @@ class ModelDescription:
     components: where each part's weights live (for logs and diagnostics); teacache: TeaCache's modes on
     this model (mode -> signal and published coefficients); num_blocks: the DiT's blocks, every kind (0:
     not known); magcache: MagCache's residual-norm ratio curves, one per branch (conditional first), None
-    where none is published or calibrated; cache_thresholds: from a calibration, per cache kind the
-    (mean PSNR in dB, threshold) points it measured, for requests that name a quality target.
+    where none is published or calibrated; cache_thresholds: from a calibration, per cache kind its
+    measured thresholds, for requests that name a quality target (`target_psnr`).
     """
 
     family: str
@@ -174,7 +188,7 @@ class ModelDescription:
     teacache: Mapping[str, TeaCacheCalibration] = field(default_factory=dict)
     num_blocks: int = 0
     magcache: tuple[tuple[float, ...], ...] | None = None
-    cache_thresholds: Mapping[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
+    cache_thresholds: Mapping[str, CacheThresholds] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.defaults.sampler not in self.samplers:

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 from models.errors import CheckpointError
+from models.cache_calibration import calibrated
 from models.family import ModelDescription
 
 FAMILIES: dict[str, str] = {
@@ -48,6 +49,6 @@ def describe(path: str | Path) -> ModelDescription:
     for name in FAMILIES:
         module = family_module(name)
         if module.recognises(root):
-            return module.describe(root)
+            return calibrated(module.describe(root))
     raise CheckpointError(f"{root} is not a checkpoint of a known family ({', '.join(FAMILIES)}); see the README, "
                           f"'Models', for the layouts each family loads")

@@ -1,4 +1,5 @@
-"""`smartdiff`: the command line. `smartdiff generate` runs the pipeline once.
+"""`smartdiff`: the command line. `smartdiff generate` runs the pipeline once; `smartdiff calibrate` measures a
+model's feature-cache calibration (stages/calibrate.py).
 
 With `--world-size N` it spawns N local ranks (one torch.distributed group: gloo on CPU, NCCL with
 one GPU per rank on CUDA) that run the same pipeline together: the DiT over the parallel layout
@@ -22,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from flexcache.spec import parse_cache_option
+from models.cache_calibration import CALIBRATION_FILE
 from models.loading import CheckpointError
 from parallel.launch import run_local
 from parallel.mesh import LayoutError, ParallelLayout, resolve_layout
@@ -92,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--cfg-degree", type=int, help="1 or 2: run the two guidance branches on different ranks")
     par.add_argument("--ring-degree", type=int, help="ring-attention degree")
     par.add_argument("--ulysses-degree", type=int, help="Ulysses degree (must divide the attention heads)")
+    cal = sub.add_parser("calibrate", help="measure a model's feature-cache calibration (TeaCache polynomial, "
+                                           "MagCache curve, threshold per quality target) from full compute")
+    cal.add_argument("--model", default=None, help="checkpoint folder; default: the embedded tiny Wan model")
+    cal.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line")
+    cal.add_argument("--steps", type=int, help="denoising steps (default: the model's); the curves are for this count")
+    cal.add_argument("--seed", type=int, default=0, help="prompt i runs with seed SEED + i (default 0)")
+    cal.add_argument("--out", type=Path, default=None,
+                     help=f"calibration file; default: {CALIBRATION_FILE} in the checkpoint folder, where every "
+                          "request on the model picks it up")
+    cal.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cal.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    cal.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -191,11 +205,53 @@ def _generate_on_rank(rank: int, world_size: int, model: str, dtype: str | None,
             "dtype": str(next(pipeline.denoise_stage.experts[0].parameters()).dtype).removeprefix("torch.")}
 
 
+def calibrate(args: argparse.Namespace) -> int:
+    from models.registry import resolve_model_path
+    from stages.calibrate import SWEEPS, calibrate as run_calibration, read_prompts, target_table, work_units
+    from stages.pipeline import Pipeline
+
+    try:
+        prompts = read_prompts(args.prompts)
+    except (OSError, ValueError) as exc:
+        print(f"smartdiff: cannot read the prompts: {exc}", file=sys.stderr)
+        return 2
+    if args.steps is not None and args.steps < 2:
+        print(f"smartdiff: --steps must be at least 2, got {args.steps}", file=sys.stderr)
+        return 2
+    try:
+        root = resolve_model_path(args.model)
+        pipeline = Pipeline.from_pretrained(root, dtype=DTYPES[args.dtype] if args.dtype else None, device=args.device)
+    except (CheckpointError, ValueError) as exc:
+        print(f"smartdiff: cannot load the model: {exc}", file=sys.stderr)
+        return 1
+    with tqdm(total=work_units(prompts, SWEEPS), unit="gen", disable=args.quiet, desc="calibrating") as bar:
+        try:
+            calibration = run_calibration(pipeline, prompts, steps=args.steps, seed=args.seed,
+                                          tick=lambda: bar.update(1))
+        except pydantic.ValidationError as exc:
+            print(f"smartdiff: invalid request:\n{format_validation_error(exc)}", file=sys.stderr)
+            return 2
+    out = calibration.write(args.out or root / CALIBRATION_FILE)
+    for mode, fit in calibration.teacache.items():
+        print(f"TeaCache {mode} ({fit.signal}): R^2 {fit.r2:.3f} over {fit.samples} forwards")
+    if calibration.magcache is not None:
+        print(f"MagCache ratio curve: R^2 {calibration.magcache.r2:.3f} over {calibration.magcache.samples} ratios")
+    print("kind        target dB  threshold  PSNR dB  forwards reused")
+    for row in target_table(calibration):
+        psnr = "-" if row["psnr_db"] is None else f"{row['psnr_db']:.1f}"
+        print(f"{row['kind']:<11} {row['target_psnr']:>9.0f}  {row['threshold']:>9g}  {psnr:>7}  "
+              f"{row['forwards_reused']:>15.1f}")
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         return generate(args)
+    if args.command == "calibrate":
+        return calibrate(args)
     return 2
 
 

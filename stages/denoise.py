@@ -110,8 +110,9 @@ class DenoiseStage:
                    {mode: calibration.signal for mode, calibration in model.teacache.items()})
 
     def start(self, params: ResolvedParams, embeddings: PromptEmbeddings,
-              latents: torch.Tensor | None = None) -> DenoiseJob:
-        """A job at step 0; `latents` overrides the seeded noise (used by parity tests)."""
+              latents: torch.Tensor | None = None, cache: CacheStrategy | None = None) -> DenoiseJob:
+        """A job at step 0; `latents` overrides the seeded noise (used by parity tests); `cache` runs instead of
+        the strategy `params.cache` names (the calibration tool's recorder)."""
         if params.guidance != self.guidance:
             raise ValueError(f"the parameters were resolved for a model with {params.guidance!r} guidance, but this "
                              f"DiT's guidance is {self.guidance!r}: resolve them against this model's description")
@@ -119,7 +120,8 @@ class DenoiseStage:
             raise ValueError("guided denoising needs negative-prompt embeddings")
         sampler = make_sampler(params.sampler, params.num_inference_steps, params.shift)
         noise = initial_noise(params, self.latent) if latents is None else latents.to(torch.float32)
-        cache = make_strategy(params.cache, len(sampler.timesteps), self.teacache_signals)
+        if cache is None:
+            cache = make_strategy(params.cache, len(sampler.timesteps), self.teacache_signals, sampler.sigmas.tolist())
         return DenoiseJob(params, embeddings, sampler, noise, cache=cache)
 
     def _expert_and_guidance(self, timestep: float, params: ResolvedParams) -> tuple[int, float]:

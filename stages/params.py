@@ -264,6 +264,10 @@ def _cache_problem(cache: Any, model: ModelDescription) -> str | None:
     """What a cache spec needs from this model and does not get, in words (None: it runs here)."""
     if cache is None:
         return None
+    target = _target_problem(cache, model)
+    if target is not None:
+        return target
+    cache = _targeted(cache, model)
     if cache.kind == "teacache":
         calibration = model.teacache.get(cache.mode)
         if calibration is None:
@@ -275,10 +279,45 @@ def _cache_problem(cache: Any, model: ModelDescription) -> str | None:
     if cache.kind == "magcache" and cache.ratios is None and model.magcache is None:
         return (f"an object with ratios for MagCache on {model.name} (none are published or calibrated for it; "
                 f"`smartdiff calibrate` measures them)")
-    if cache.kind == "blockdance" and model.num_blocks and cache.boundary_block >= model.num_blocks:
-        return (f"an object whose boundary_block is below {model.name}'s {model.num_blocks} blocks, got "
-                f"boundary_block {cache.boundary_block}")
+    if cache.kind == "blockdance" and model.num_blocks and cache.boundary_block >= model.num_blocks - 1:
+        return (f"an object whose boundary_block (the last reused block) is at most {model.num_blocks - 2}, so one "
+                f"of {model.name}'s {model.num_blocks} blocks stays computed; got boundary_block "
+                f"{cache.boundary_block}")
     return None
+
+
+def _sweep_knobs(cache: Any, model: ModelDescription) -> dict[str, Any]:
+    """The knobs (besides the threshold) the model's calibration swept `cache.kind` with."""
+    return {k: v for k, v in model.cache_thresholds[cache.kind].spec.items()
+            if k in type(cache).model_fields and k not in ("kind", "threshold", "target_psnr", "coefficients", "ratios")}
+
+
+def _target_problem(cache: Any, model: ModelDescription) -> str | None:
+    """Why a `target_psnr` cannot be resolved on this model, in words (None: it can, or none is asked for)."""
+    if getattr(cache, "target_psnr", None) is None:
+        return None
+    if "threshold" in cache.model_fields_set:
+        return f"an object with either threshold or target_psnr for {cache.kind}, not both"
+    if cache.kind not in model.cache_thresholds:
+        calibrated = ", ".join(repr(k) for k in model.cache_thresholds) or "none"
+        return (f"an object without target_psnr for {cache.kind} on {model.name}: its calibration has no {cache.kind} "
+                f"sweep (calibrated kinds: {calibrated}; `smartdiff calibrate` makes one), or give a threshold")
+    knobs = _sweep_knobs(cache, model)
+    differs = sorted(k for k in cache.model_fields_set if k in knobs and _plain(getattr(cache, k)) != knobs[k])
+    if differs:
+        swept = ", ".join(f"{k}={knobs[k]!r}" for k in differs)
+        return (f"an object whose knobs match the calibrated {cache.kind} sweep for target_psnr ({swept}), or a "
+                f"threshold instead of target_psnr")
+    return None
+
+
+def _targeted(cache: Any, model: ModelDescription) -> Any:
+    """A `target_psnr` spec with the calibrated sweep's knobs and the threshold that met the target."""
+    if getattr(cache, "target_psnr", None) is None or cache.kind not in model.cache_thresholds:
+        return cache
+    knobs = {k: v for k, v in _sweep_knobs(cache, model).items() if k not in cache.model_fields_set}
+    threshold = model.cache_thresholds[cache.kind].threshold_for(cache.target_psnr)
+    return type(cache).model_validate(cache.model_dump() | knobs | {"threshold": threshold})
 
 
 def _resolved_cache(cache: Any, model: ModelDescription) -> Any:
@@ -286,6 +325,7 @@ def _resolved_cache(cache: Any, model: ModelDescription) -> Any:
     names what ran)."""
     if cache is None:
         return cache
+    cache = _targeted(cache, model)
     if cache.kind == "teacache" and cache.coefficients is None:
         return cache.model_copy(update={"coefficients": model.teacache[cache.mode].coefficients})
     if cache.kind == "magcache" and cache.ratios is None:

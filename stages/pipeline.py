@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from flexcache.strategy import CacheStrategy
 from models.family import ModelDescription
 from models.registry import describe, resolve_model_path
 from parallel.mesh import ParallelMesh
@@ -82,8 +83,9 @@ class Pipeline:
         return params.resolve(self.model)
 
     def generate(self, params: GenerationParams | ResolvedParams | Mapping[str, Any], progress: ProgressFn | None = None,
-                 latents: torch.Tensor | None = None) -> GenerationResult:
-        """Run one request end to end; `latents` replaces the seeded noise (parity tests)."""
+                 latents: torch.Tensor | None = None, cache: CacheStrategy | None = None) -> GenerationResult:
+        """Run one request end to end; `latents` replaces the seeded noise (parity tests); `cache` runs instead of
+        the strategy the params name (the calibration tool's recorder)."""
         resolved = self.resolve(params)
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -93,7 +95,8 @@ class Pipeline:
         timings["text_encode"] = time.perf_counter() - start
 
         mark = time.perf_counter()
-        job = self.denoise_stage.run_steps(self.denoise_stage.start(resolved, embeddings, latents), progress=progress)
+        job = self.denoise_stage.run_steps(self.denoise_stage.start(resolved, embeddings, latents, cache),
+                                           progress=progress)
         final_latents = job.latents
         timings["denoise"] = time.perf_counter() - mark
 

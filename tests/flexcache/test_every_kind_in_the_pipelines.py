@@ -16,10 +16,22 @@ KINDS = {
                 "forwards_reused"),
     "teacache": ({"kind": "teacache", "threshold": 0.0, "coefficients": IDENTITY},
                  {"kind": "teacache", "threshold": 5.0, "coefficients": IDENTITY}, "forwards_reused"),
+    "magcache": ({"kind": "magcache", "threshold": 0.0, "ratios": [[1.0] * 8]},
+                 {"kind": "magcache", "threshold": 1.0, "retention_ratio": 0.25, "ratios": [[0.95] * 8]},
+                 "forwards_reused"),
     "easycache": ({"kind": "easycache", "threshold": 0.0, "ret_steps": 2},
                   {"kind": "easycache", "threshold": 0.9, "ret_steps": 2}, "forwards_reused"),
+    "meancache": ({"kind": "meancache", "fresh_steps": 8}, {"kind": "meancache", "fresh_steps": 4}, "forwards_reused"),
+    "blockdance": ({"kind": "blockdance", "boundary_block": 0, "group_size": 1},
+                   {"kind": "blockdance", "boundary_block": 0, "warmup": 0, "cooldown": 0}, "forwards_reused"),
     "pab": ({"kind": "pab", "self_range": 1, "cross_range": 1},
             {"kind": "pab", "warmup": 2, "cooldown": 1}, "attention_reused"),
+    "taylorseer": ({"kind": "taylorseer", "interval": 1}, {"kind": "taylorseer", "interval": 3, "warmup_steps": 2},
+                   "forwards_reused"),
+    "dbcache_taylorseer": ({"kind": "dbcache", "threshold": 0.0, "first_blocks": 1, "warmup_steps": 1,
+                            "taylorseer": True},
+                           {"kind": "dbcache", "threshold": 0.9, "first_blocks": 1, "warmup_steps": 2,
+                            "max_continuous_cached_steps": 1, "taylorseer": True}, "forwards_reused"),
 }
 
 

@@ -73,7 +73,7 @@ def test_cli_runs_with_a_cache_and_records_it(tmp_path: Path, monkeypatch: pytes
             "--frames", "5", "--steps", "6", "--seed", "1", "-q", "--out", str(out)]
     assert main(args + ["--cache", "fbcache:threshold=0.9"]) == 0
     record = json.loads(out.with_suffix(".json").read_text())
-    assert record["params"]["cache"] == {"kind": "fbcache", "threshold": 0.9}
+    assert record["params"]["cache"] == {"kind": "fbcache", "threshold": 0.9, "target_psnr": None}
     assert record["cache"]["forwards_computed"] + record["cache"]["forwards_reused"] == 6
     assert main(args + ["--cache", "fbcache:threshold=7"]) == 2
     assert "cache.threshold must be a number between 0 and 1" in capsys.readouterr().err

@@ -46,7 +46,7 @@ def _stage(mesh: ParallelMesh | None = None):
 
     model = WanTransformer(replace(WAN_TINY, num_heads=HEADS)).eval()
     randomize_parameters(model, seed=7)
-    return DenoiseStage([model], mesh=mesh)
+    return DenoiseStage([model], mesh=mesh, teacache_signals={"default": "time_embedding"})
 
 
 def _params():
@@ -68,6 +68,53 @@ def _denoise(stage) -> np.ndarray:
     return stage.run(_params(), _embeddings()).numpy()
 
 
+CACHE_STEPS = 6
+IDENTITY = [1.0, 0.0]
+# Every cache kind "off" (must be the uncached run bit for bit) and set to reuse work on this model (2 blocks).
+CACHES_OFF = {
+    "fbcache": {"kind": "fbcache", "threshold": 0.0},
+    "dbcache": {"kind": "dbcache", "threshold": 0.0, "first_blocks": 1, "warmup_steps": 0},
+    "teacache": {"kind": "teacache", "threshold": 0.0, "coefficients": IDENTITY},
+    "magcache": {"kind": "magcache", "threshold": 0.0, "ratios": [[1.0] * CACHE_STEPS]},
+    "easycache": {"kind": "easycache", "threshold": 0.0, "ret_steps": 2},
+    "meancache": {"kind": "meancache", "fresh_steps": CACHE_STEPS},
+    "blockdance": {"kind": "blockdance", "boundary_block": 0, "group_size": 1},
+    "pab": {"kind": "pab", "self_range": 1, "cross_range": 1},
+    "taylorseer": {"kind": "taylorseer", "interval": 1},
+}
+CACHES_ON = {
+    "fbcache": {"kind": "fbcache", "threshold": 1.0},
+    "dbcache": {"kind": "dbcache", "threshold": 1.0, "first_blocks": 1, "warmup_steps": 1},
+    "teacache": {"kind": "teacache", "threshold": 5.0, "coefficients": IDENTITY},
+    "magcache": {"kind": "magcache", "threshold": 1.0, "retention_ratio": 0.2, "ratios": [[0.95] * CACHE_STEPS]},
+    "easycache": {"kind": "easycache", "threshold": 1.0, "ret_steps": 2},
+    "meancache": {"kind": "meancache", "fresh_steps": 3},
+    "blockdance": {"kind": "blockdance", "boundary_block": 0, "group_size": 2, "start_fraction": 0.0,
+                   "end_fraction": 1.0, "warmup": 1, "cooldown": 1},
+    "pab": {"kind": "pab", "self_range": 2, "cross_range": 2, "warmup": 1, "cooldown": 1},
+    "taylorseer": {"kind": "taylorseer", "interval": 2, "warmup_steps": 1},
+}
+
+
+def _cached(stage) -> dict[str, tuple[np.ndarray, dict]]:
+    """Uncached and every kind off and on, at CACHE_STEPS steps: (latents, counts)."""
+    params = _params().model_copy(update={"num_inference_steps": CACHE_STEPS})
+    runs = {"uncached": params} | {
+        f"{kind}/{state}": params.model_copy(update={"cache": _spec(spec)})
+        for state, table in (("off", CACHES_OFF), ("on", CACHES_ON)) for kind, spec in table.items()}
+    out = {}
+    for name, run in runs.items():
+        job = stage.run_steps(stage.start(run, _embeddings()))
+        out[name] = (job.latents.numpy(), job.cache.stats.as_dict() if job.cache is not None else {})
+    return out
+
+
+def _spec(cache: dict):
+    from stages.params import GenerationParams
+
+    return GenerationParams.model_validate({"prompt": "p", "cache": cache}).cache
+
+
 def _all_layouts(rank: int, world: int) -> dict[str, np.ndarray]:
     """On every rank: build each layout's mesh over its first ranks and denoise with it."""
     torch.set_num_threads(1)
@@ -75,7 +122,10 @@ def _all_layouts(rank: int, world: int) -> dict[str, np.ndarray]:
     for name, layout in LAYOUTS.items():
         mesh = ParallelMesh.build(layout, ranks=range(layout.world_size))
         if mesh is not None:
-            results[name] = _denoise(_stage(mesh))
+            stage = _stage(mesh)
+            results[name] = _denoise(stage)
+            if name != "ring3":
+                results[name + "/cache"] = _cached(stage)
     return results
 
 
@@ -103,7 +153,44 @@ def test_layout_matches_single_rank(name: str, parallel_results, reference) -> N
 
 
 def test_ranks_outside_a_layout_get_no_mesh(parallel_results) -> None:
-    assert set(parallel_results[3]) == {"ulysses2xring2", "cfg2xulysses2", "cfg2xring2"}
+    assert {k for k in parallel_results[3] if "/" not in k} == {"ulysses2xring2", "cfg2xulysses2", "cfg2xring2"}
+
+
+@pytest.fixture(scope="module")
+def cached_reference() -> dict[str, tuple[np.ndarray, dict]]:
+    return _cached(_stage())
+
+
+@pytest.mark.parametrize("kind", list(CACHES_OFF))
+@pytest.mark.parametrize("name", [n for n in LAYOUTS if n != "ring3"])
+def test_every_cache_under_every_layout(name: str, kind: str, parallel_results, cached_reference) -> None:
+    """Off is the uncached run of the layout bit for bit; on, every rank ends with the same latents and the
+    ranks sharing a branch take the same decisions (without CFG parallel: the single rank's, within the
+    parallel tolerance of its latents). Under CFG parallel each half decides on its own branch, as the
+    reference methods keep per-branch state, so its decisions may differ from the batched single rank's."""
+    layout = LAYOUTS[name]
+    per_rank = [parallel_results[rank][name + "/cache"] for rank in range(layout.world_size)]
+    for rank, results in enumerate(per_rank):
+        np.testing.assert_array_equal(results[kind + "/off"][0], results["uncached"][0],
+                                      err_msg=f"{name}: {kind} off differs from uncached on rank {rank}")
+        np.testing.assert_array_equal(results[kind + "/on"][0], per_rank[0][kind + "/on"][0],
+                                      err_msg=f"{name}: {kind} on: rank {rank} ends elsewhere than rank 0")
+    assert sum(v for k, v in cached_reference[kind + "/on"][1].items() if k.endswith("_reused")) > 0, \
+        "the setting must make the single rank reuse something"
+
+    def decisions(stats: dict) -> dict:
+        return {k: v for k, v in stats.items() if k != "peak_extra_bytes"}
+
+    halves, sp = layout.cfg_degree, layout.sp_degree  # rank = cfg_index * sp + index in the branch's group
+    for rank, results in enumerate(per_rank):
+        same_branch = per_rank[(rank // sp) * sp]
+        assert decisions(results[kind + "/on"][1]) == decisions(same_branch[kind + "/on"][1]), \
+            f"{name}: rank {rank} decided otherwise than the ranks of its branch"
+    if halves == 1:
+        ref_latents, ref_stats = cached_reference[kind + "/on"]
+        assert decisions(per_rank[0][kind + "/on"][1]) == decisions(ref_stats)
+        diff = float(np.abs(per_rank[0][kind + "/on"][0] - ref_latents).max())
+        assert diff <= TOLERANCE, f"{name}: {kind} cached latents differ from one rank's by {diff:.3g}"
 
 
 # ---- layout checks (no processes) -----------------------------------------------------------
