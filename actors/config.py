@@ -179,6 +179,8 @@ class ServiceConfig(_Strict):
 
     model: str | None = Field(None, description="Checkpoint folder (original or diffusers layout); "
                                                 "None = the embedded default model.")
+    cache_calibration: Path | None = Field(None, description="Feature-cache calibration file (`smartdiff "
+                                                             "calibrate`); None = the checkpoint folder's own, if any.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when actors get GPUs.")
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU.")
     text_encoder: PoolConfig = PoolConfig()

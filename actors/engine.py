@@ -98,7 +98,8 @@ class StageEngine:
         self.cfg = cfg = fit_to_cluster(cfg, cluster)
         check_fits(placement_plan(cfg), cluster)
         self.model_path = resolve_model_path(cfg.model)
-        self.model = describe(self.model_path)  # the served model, as every layer above models/ sees it
+        # the served model, as every layer above models/ sees it (its cache calibration resolves requests here)
+        self.model = describe(self.model_path, cfg.cache_calibration)
         self.store = store or JobStore(cfg.job_store)
         self.metrics: EngineMetrics = metrics or NullMetrics()
         self.scheduler = StageScheduler(cfg.scheduler.max_pending_jobs)
@@ -346,9 +347,10 @@ class StageEngine:
             await self._fail(job_id, f"{exc} (gave up after {attempts} attempts)")
             return
         logger.warning("job %s: %s; retrying %s (attempt %d)", job_id, exc, stage, attempts + 1)
-        # A denoising retry starts again at step 0: say so now (progress drops once, with attempts + 1)
-        # rather than show the lost steps until the rebuilt group restarts the job.
-        restart = {"step": 0} if stage == "denoise" else {}
+        # A denoising retry starts again at step 0, with a fresh feature cache: say so now (progress drops once,
+        # with attempts + 1, and the lost attempt's cache counts go) rather than show the lost steps until the
+        # rebuilt group restarts the job.
+        restart = {"step": 0, "cache": None} if stage == "denoise" else {}
         await self._update(job_id, attempts=attempts, **restart)
         self.scheduler.retry(job_id, stage)
 

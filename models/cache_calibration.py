@@ -108,7 +108,14 @@ def with_calibration(model: ModelDescription, calibration: CacheCalibration) -> 
         cache_thresholds={**model.cache_thresholds, **thresholds})
 
 
-def calibrated(model: ModelDescription) -> ModelDescription:
-    """`model` with the calibration file of its checkpoint folder applied, if it has one."""
-    path = Path(model.root) / CALIBRATION_FILE
-    return with_calibration(model, read_calibration(path)) if path.is_file() else model
+def calibrated(model: ModelDescription, path: str | Path | None = None) -> ModelDescription:
+    """`model` with the calibration file `path` applied (it must exist), or else its checkpoint folder's, if it has
+    one (a calibration measured for another model is refused)."""
+    if path is None:
+        path = Path(model.root) / CALIBRATION_FILE
+        if not path.is_file():
+            return model
+    calibration = read_calibration(path)
+    if calibration.model != model.name:
+        raise CheckpointError(f"{path} is a calibration of {calibration.model!r}, not of {model.name!r}")
+    return with_calibration(model, calibration)

@@ -41,14 +41,15 @@ def resolve_model_path(path_or_name: str | Path | None) -> Path:
     return resolve_bundled(path_or_name)
 
 
-def describe(path: str | Path) -> ModelDescription:
-    """The description of the checkpoint in folder `path`, from the first family that recognises it."""
+def describe(path: str | Path, calibration: str | Path | None = None) -> ModelDescription:
+    """The description of the checkpoint in folder `path`, from the first family that recognises it, with its
+    feature-cache calibration: the file `calibration` names, else the one in the folder, if any."""
     root = Path(path).expanduser().resolve()
     if not root.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {root}")
     for name in FAMILIES:
         module = family_module(name)
         if module.recognises(root):
-            return calibrated(module.describe(root))
+            return calibrated(module.describe(root), calibration)
     raise CheckpointError(f"{root} is not a checkpoint of a known family ({', '.join(FAMILIES)}); see the README, "
                           f"'Models', for the layouts each family loads")

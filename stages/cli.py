@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, help="default: random (recorded in the sidecar)")
     gen.add_argument("--cache", type=_cache_option, metavar="KIND[:key=value,...]",
                      help="feature cache, e.g. fbcache:threshold=0.08 (default: none, every block computed)")
+    gen.add_argument("--calibration", type=Path, default=None,
+                     help=f"feature-cache calibration file (default: {CALIBRATION_FILE} in the checkpoint folder, if any)")
     gen.add_argument("--out", type=Path, default=None,
                      help="output file (.mp4, or .png for one frame); a JSON sidecar is written next to it")
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -128,7 +130,7 @@ def generate(args: argparse.Namespace) -> int:
         return 2
     try:
         root = resolve_model_path(args.model)
-        model = describe(root)
+        model = describe(root, args.calibration)
     except (CheckpointError, ValueError) as exc:
         print(f"smartdiff: cannot load the model: {exc}", file=sys.stderr)
         return 1

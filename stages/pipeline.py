@@ -59,10 +59,12 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_preset: str | Path | None = None, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu", mesh: ParallelMesh | None = None) -> "Pipeline":
-        """A checkpoint folder (original or diffusers layout), or None / a bundled model's name."""
+                        device: str | torch.device = "cpu", mesh: ParallelMesh | None = None,
+                        calibration: str | Path | None = None) -> "Pipeline":
+        """A checkpoint folder (original or diffusers layout), or None / a bundled model's name; `calibration`: a
+        feature-cache calibration file to use instead of the folder's own."""
         root = resolve_model_path(path_or_preset)
-        model = describe(root)
+        model = describe(root, calibration)
         dtype = dtype or default_dtype(device)
         logger.info("loading %s (%s, preset %s) in %s on %s", root, model.family, model.name, dtype, device)
         return cls(

@@ -125,7 +125,7 @@ def test_killed_dit_rank_is_retried_and_the_next_job_succeeds(
         engine = StageEngine(_config(tiny_model, tmp_path, **{"dit.world_size": 2, "scheduler.max_attempts": 2}))
         await engine.start()
         try:
-            job = await engine.submit(LONG)
+            job = await engine.submit(LONG | {"cache": {"kind": "fbcache", "threshold": 0.0}})
             events: list[dict[str, Any]] = []
 
             async def follow() -> None:
@@ -133,6 +133,7 @@ def test_killed_dit_rank_is_retried_and_the_next_job_succeeds(
                     events.append(event)
             follower = asyncio.ensure_future(follow())
             await _until(lambda: engine.status(job.id).step >= 2)
+            assert engine.status(job.id).cache["forwards_computed"] >= 2
             ray.kill(engine.dit_groups[0].ranks[1])
             # the job is retried on the rebuilt group, from its first step
             await _until(lambda: engine.status(job.id).attempts == 1, timeout_s=90)
@@ -145,6 +146,8 @@ def test_killed_dit_rank_is_retried_and_the_next_job_succeeds(
             final = await engine.cancel(job.id)
             final = await engine.wait(job.id, timeout_s=60)
             assert final.status == "cancelled" and final.attempts == 1
+            # the retry's cache started fresh: its counts are the second attempt's steps only
+            assert final.cache["forwards_computed"] + final.cache["forwards_reused"] == final.step, final
             await asyncio.wait_for(follower, 10)
             after = await engine.generate(SMALL, timeout_s=120)
             assert after.status == "succeeded" and Path(after.result_path).is_file()

@@ -135,3 +135,14 @@ def test_a_broken_calibration_file_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / CALIBRATION_FILE).write_text('{"model": "m", "teacache": {"default": {"signal": 1}}}')
     with pytest.raises(CheckpointError, match="not a readable feature-cache calibration"):
         read_calibration(tmp_path / CALIBRATION_FILE)
+
+
+def test_a_calibration_named_elsewhere_wins_and_one_of_another_model_is_refused(calibrated_model: Path,
+                                                                                  tmp_path: Path) -> None:
+    other = CacheCalibration(model="wan-tiny", magcache=RatioFit(ratios=((0.5, 0.5),), r2=1.0, samples=2))
+    elsewhere = other.write(tmp_path / "mine.json")
+    assert describe(calibrated_model, elsewhere).magcache == ((0.5, 0.5),)
+    assert describe(calibrated_model).magcache == ((1.0, 0.98, 0.95), (1.0, 0.97, 0.9))
+    wrong = CacheCalibration(model="flux1-dev").write(tmp_path / "flux.json")
+    with pytest.raises(CheckpointError, match="a calibration of 'flux1-dev', not of 'wan-tiny'"):
+        describe(calibrated_model, wrong)

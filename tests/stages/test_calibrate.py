@@ -52,3 +52,11 @@ def test_prompt_files_and_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFi
     prompts.write_text("a red circle\n")
     assert main(["calibrate", "--prompts", str(prompts), "--steps", "1", "-q"]) == 2
     assert "--steps must be at least 2" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_calibration_of_another_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from models.cache_calibration import CacheCalibration
+
+    wrong = CacheCalibration(model="flux1-dev").write(tmp_path / "flux.json")
+    assert main(["generate", "--prompt", "a red circle", "--calibration", str(wrong), "-q"]) == 1
+    assert "a calibration of 'flux1-dev', not of 'wan-tiny-shapes'" in capsys.readouterr().err
