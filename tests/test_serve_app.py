@@ -223,5 +223,9 @@ def test_handle_api(service: str) -> None:
     assert status["id"] == submitted["id"]
     done = handle.generate.remote({"prompt": "via handle, waited", **SMALL}).result(timeout_s=120)
     assert done["job_status"] == "succeeded" and Path(done["result_path"]).is_file()
+    cache = {"kind": "magcache", "threshold": 1.0, "retention_ratio": 0.0, "ratios": [[1.0, 1.0, 1.0]]}
+    cached = handle.generate.remote({"prompt": "via handle, cached", **SMALL, "cache": cache}).result(timeout_s=120)
+    assert cached["job_status"] == "succeeded" and cached["params"]["cache"]["kind"] == "magcache"
+    assert cached["cache"]["forwards_reused"] == 2, cached["cache"]  # step 0 computes, 1 and 2 reuse (K = 2)
     long = handle.submit.remote({"prompt": "cancel me", **LONG}).result()
     assert handle.cancel.remote(long["id"]).result()["id"] == long["id"]
