@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--model", default=None, help="checkpoint folder; default: the embedded tiny Wan model")
     cal.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line")
     cal.add_argument("--steps", type=int, help="denoising steps (default: the model's); the curves are for this count")
+    cal.add_argument("--height", type=int, help="pixels (default: the model's); calibrate at the size you serve")
+    cal.add_argument("--width", type=int, help="pixels (default: the model's)")
+    cal.add_argument("--frames", type=int, help="frames (default: the model's)")
     cal.add_argument("--seed", type=int, default=0, help="prompt i runs with seed SEED + i (default 0)")
     cal.add_argument("--out", type=Path, default=None,
                      help=f"calibration file; default: {CALIBRATION_FILE} in the checkpoint folder, where every "
@@ -228,7 +231,9 @@ def calibrate(args: argparse.Namespace) -> int:
         return 1
     with tqdm(total=work_units(prompts, SWEEPS), unit="gen", disable=args.quiet, desc="calibrating") as bar:
         try:
-            calibration = run_calibration(pipeline, prompts, steps=args.steps, seed=args.seed,
+            size = {field: value for field, value in (("height", args.height), ("width", args.width),
+                                                      ("num_frames", args.frames)) if value is not None}
+            calibration = run_calibration(pipeline, prompts, steps=args.steps, seed=args.seed, request=size,
                                           tick=lambda: bar.update(1))
         except pydantic.ValidationError as exc:
             print(f"smartdiff: invalid request:\n{format_validation_error(exc)}", file=sys.stderr)

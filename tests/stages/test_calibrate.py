@@ -19,11 +19,13 @@ def test_calibrate_then_generate_with_a_quality_target(tmp_path: Path, capsys: p
     root = write_random_checkpoint(tmp_path / "model", seed=4)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# two prompts\na red circle moving left\n\na blue square moving up\n")
-    assert main(["calibrate", "--model", str(root), "--prompts", str(prompts), "--steps", "4", "-q"]) == 0
+    assert main(["calibrate", "--model", str(root), "--prompts", str(prompts), "--steps", "4", "--height", "32",
+                 "--width", "32", "--frames", "5", "-q"]) == 0
     report = capsys.readouterr().out
     assert "TeaCache default (time_embedding): R^2" in report and "MagCache ratio curve: R^2" in report
     calibration = read_calibration(root / CALIBRATION_FILE)
     assert calibration.settings["steps"] == 4 and calibration.settings["seeds"] == [0, 1]
+    assert (calibration.settings["height"], calibration.settings["num_frames"]) == (32, 5)
     assert set(calibration.teacache) == {"default", "ret_steps"}
     assert [len(c) for c in calibration.magcache.ratios] == [4, 4]  # CFG: one curve per branch
     assert set(calibration.thresholds) == set(SWEEPS)
