@@ -1,0 +1,529 @@
+"""The Z-Image(-Turbo) DiT with the exact math of diffusers' `ZImageTransformer2DModel` (basic mode, no SigLIP).
+
+Read top-down: timestep sinusoid -> 3-axis complex RoPE -> RMSNorm -> attention -> block -> final layer ->
+patching -> the model. Parameter names are the diffusers keys (`layers.N.attention.to_q`, `noise_refiner.N...`,
+`all_x_embedder.2-1`, `x_pad_token`, ...), so a diffusers `transformer/` folder loads strictly with no key map.
+
+The forward (one sample; a batch repeats it per row):
+- time: adaln = MLP(sinusoid(1000 * t)), min(d, 256) wide; the model's t is 1 - sigma (see `begin`).
+- image: 2x2 patches with channel-last features (pH, pW, C), padded to a multiple of 32 tokens by repeating
+  the last patch, embedded, then the pad rows replaced by the learned `x_pad_token`; the modulated noise
+  refiner runs on these image tokens alone. Pad tokens are attended like any other token.
+- caption: the valid text-encoder rows, padded the same way, RMSNorm + Linear, pad rows -> `cap_pad_token`;
+  the unmodulated context refiner runs on them alone.
+- main layers on the unified sequence of both, the final layer, then the real image tokens are unpatched.
+- block: a = Attn(RMSNorm1(x) * (1 + s_msa)); x += tanh(g_msa) * RMSNorm2(a);
+  x += tanh(g_mlp) * RMSNorm4(SwiGLU(RMSNorm3(x) * (1 + s_mlp))). No shift; the modulation Linear gets the
+  time vector without a SiLU. A context-refiner block drops the scales and gates.
+- positions (RoPE ids): caption slot i (pad slots included) -> (1 + i, 0, 0); image token (row, col) ->
+  (L_pad + 1, row, col) with L_pad the padded caption length; image pad tokens -> (0, 0, 0). Tables are
+  float64 angles cast to fp32, then complex64 (`torch.polar`), as the reference computes them.
+
+Sequence order. The reference concatenates [image, caption]; this module hands the attention seam the
+text-first joint sequence [caption, image] that `models.attention` and context parallelism expect. Attention
+has no mask here (one caption length per batch), so the result is the same up to the summation order of
+the softmax over keys (measured in tests/models/z_image/test_transformer.py).
+
+Precision: the token streams, time vector, norms, RoPE, modulations and final layer outputs are fp32; the
+matmuls run in the weight dtype. `keep_fp32` names the parameters kept fp32 under bf16 weights.
+
+Block protocol (models/denoiser.py): `blocks` = noise refiners, context refiners, main layers, in forward
+order; `run_block` dispatches on `block.kind` ("noise": image stream only, "context": caption stream only,
+"main": both). `TokenState.rope` is text-first (caption rows, then image rows); each kind takes its rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.attention import AttentionFn, AttentionMeta, sdpa_attention
+from models.conditioning import Conditioning
+from models.denoiser import CacheSignal, RopeTables, TokenState
+from models.loading import CheckpointError, load_safetensors_dir, load_strict, meta_device, save_safetensors_sharded
+from models.z_image.config import (
+    DIFFUSERS_CLASS,
+    SEQ_MULTIPLE,
+    TIME_MID,
+    Z_IMAGE_LATENT,
+    ZImageDiTConfig,
+)
+
+logger = logging.getLogger(__name__)
+
+TIME_CHANNELS = 256
+"""Width of the timestep sinusoid."""
+
+QK_NORM_EPS = 1e-5
+"""eps of the per-head query/key RMSNorms (fixed in the reference, independent of norm_eps)."""
+
+FINAL_NORM_EPS = 1e-6
+
+DIFFUSERS_DIT_DIR = "transformer"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Timestep sinusoid (fp32, cos first)
+# ---------------------------------------------------------------------------------------------
+def timestep_sinusoid(t: torch.Tensor, dim: int = TIME_CHANNELS) -> torch.Tensor:
+    """(B,) already scaled (1000 * t) -> (B, dim) fp32 [cos | sin], frequencies exp(-ln(10000) * i / (dim/2)).
+
+    Same operations in the same order as the reference, so bitwise equal in fp32.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. RoPE: complex rotation of interleaved channel pairs, per-axis tables indexed by integer ids
+# ---------------------------------------------------------------------------------------------
+def padded_len(n: int) -> int:
+    return n + (-n) % SEQ_MULTIPLE
+
+
+def position_ids(caption_len: int, grid: tuple[int, int], device: torch.device | str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer ids (caption (L_pad, 3), image (N_pad, 3)) for a caption of `caption_len` valid tokens and an
+    (h, w) token grid. Every caption slot, pad or not, is (1 + i, 0, 0); image tokens (L_pad + 1, row, col)
+    row-major; image pad tokens (0, 0, 0)."""
+    cap_pad = padded_len(caption_len)
+    cap = torch.zeros(cap_pad, 3, dtype=torch.long, device=device)
+    cap[:, 0] = torch.arange(1, cap_pad + 1, device=device)
+    h, w = grid
+    img = torch.zeros(padded_len(h * w), 3, dtype=torch.long, device=device)
+    real = img[: h * w].view(h, w, 3)
+    real[..., 0] = cap_pad + 1
+    real[..., 1] = torch.arange(h, device=device)[:, None]
+    real[..., 2] = torch.arange(w, device=device)[None, :]
+    return cap, img
+
+
+def rope_tables(ids: torch.Tensor, axes_dims: Sequence[int], axes_lens: Sequence[int], theta: float) -> RopeTables:
+    """(cos, sin), each (S, sum(axes_dims) / 2) fp32: the real and imaginary parts of the complex64 rotation
+    of each channel pair. Axis i has angles pos * theta^(-2j / axes_dims[i]) for pos < axes_lens[i]."""
+    for axis, (length, col) in enumerate(zip(axes_lens, ids.unbind(-1))):
+        if len(col) and int(col.max()) >= length:
+            raise ValueError(f"RoPE position {int(col.max())} on axis {axis} exceeds the model's table of {length} "
+                             f"(axes_lens {tuple(axes_lens)}): caption or image too long for this checkpoint")
+    parts = []
+    for axis, (dim, length) in enumerate(zip(axes_dims, axes_lens)):
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        angles = torch.outer(torch.arange(length, dtype=torch.float64), freqs).float()
+        table = torch.polar(torch.ones_like(angles), angles).to(ids.device)  # complex64, like the reference
+        parts.append(table[ids[:, axis]])
+    rot = torch.cat(parts, dim=-1)
+    return rot.real.contiguous(), rot.imag.contiguous()
+
+
+def apply_rope(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+    """x (B, L, H, D) rotated pairwise by the (L, D/2) tables; the complex product of the reference, in fp32."""
+    cos, sin = rope
+    rot = torch.complex(cos, sin)[None, :, None, :]
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * rot).flatten(3).type_as(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Norms and matmuls
+# ---------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, in fp32 (the reference's variance is fp32 too)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x * self.weight.float()
+
+
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer` applied in its weight dtype, result fp32."""
+    return layer(x.to(layer.weight.dtype)).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Attention (q, k, v, out without bias; per-head RMSNorm on q and k; RoPE)
+# ---------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        head_dim = dim // n_heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=False)])
+        self.norm_q = RMSNorm(head_dim, QK_NORM_EPS)
+        self.norm_k = RMSNorm(head_dim, QK_NORM_EPS)
+
+    def forward(self, x: torch.Tensor, rope: RopeTables, attn_fn: AttentionFn, meta: AttentionMeta) -> torch.Tensor:
+        q, k, v = (linear(proj, x).unflatten(-1, (self.n_heads, -1)) for proj in (self.to_q, self.to_k, self.to_v))
+        q = apply_rope(self.norm_q(q), rope)
+        k = apply_rope(self.norm_k(k), rope)
+        out = attn_fn(q, k, v, meta)
+        return linear(self.to_out[0], out.flatten(2))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), no biases."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(self.w2, F.silu(linear(self.w1, x)) * linear(self.w3, x))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Block: sandwich RMSNorms, tanh gates, scale without shift
+# ---------------------------------------------------------------------------------------------
+class ZImageBlock(nn.Module):
+    """One Z-Image transformer block. kind: "noise" (noise refiner, modulated, image tokens), "context"
+    (context refiner, unmodulated, caption tokens) or "main" (modulated, the unified sequence).
+    layer: index in forward order over all blocks (AttentionMeta.layer)."""
+
+    def __init__(self, config: ZImageDiTConfig, kind: str, layer: int, attn_fn: AttentionFn) -> None:
+        super().__init__()
+        if kind not in ("noise", "context", "main"):
+            raise ValueError(f"block kind {kind!r}")
+        d, eps = config.dim, config.norm_eps
+        self.kind = kind
+        self.layer = layer
+        self.attn_fn = attn_fn
+        self.attention = Attention(d, config.n_heads)
+        self.feed_forward = FeedForward(d, config.ffn_hidden)
+        self.attention_norm1 = RMSNorm(d, eps)
+        self.ffn_norm1 = RMSNorm(d, eps)
+        self.attention_norm2 = RMSNorm(d, eps)
+        self.ffn_norm2 = RMSNorm(d, eps)
+        self.modulation = kind != "context"
+        if self.modulation:
+            self.adaLN_modulation = nn.Sequential(nn.Linear(config.adaln_dim, 4 * d))
+
+    def modulations(self, adaln: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(1 + scale_msa, tanh gate_msa, 1 + scale_mlp, tanh gate_mlp), each (B, 1, d) fp32."""
+        scale_msa, gate_msa, scale_mlp, gate_mlp = linear(self.adaLN_modulation[0], adaln).unsqueeze(1).chunk(4, dim=2)
+        return 1.0 + scale_msa, gate_msa.tanh(), 1.0 + scale_mlp, gate_mlp.tanh()
+
+    def forward(self, x: torch.Tensor, rope: RopeTables, adaln: torch.Tensor | None, meta: AttentionMeta
+                ) -> torch.Tensor:
+        """x (B, L, d) fp32 -> (B, L, d) fp32 (a new tensor); rope covers the L rows; adaln (B, adaln_dim)."""
+        if self.modulation:
+            if adaln is None:
+                raise ValueError(f"a {self.kind} block needs the time vector")
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.modulations(adaln)
+            attn = self.attention(self.attention_norm1(x) * scale_msa, rope, self.attn_fn, meta)
+            x = x + gate_msa * self.attention_norm2(attn)
+            return x + gate_mlp * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * scale_mlp))
+        attn = self.attention(self.attention_norm1(x), rope, self.attn_fn, meta)
+        x = x + self.attention_norm2(attn)
+        return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Embedders and final layer
+# ---------------------------------------------------------------------------------------------
+class TimestepEmbedder(nn.Module):
+    def __init__(self, out_dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(TIME_CHANNELS, TIME_MID), nn.SiLU(), nn.Linear(TIME_MID, out_dim))
+
+    def forward(self, t_scaled: torch.Tensor) -> torch.Tensor:
+        return linear(self.mlp[2], F.silu(linear(self.mlp[0], timestep_sinusoid(t_scaled))))
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm (no affine, eps 1e-6) * (1 + Linear(SiLU(adaln))), then Linear to patch values."""
+
+    def __init__(self, dim: int, out_features: int, adaln_dim: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=FINAL_NORM_EPS)
+        self.linear = nn.Linear(dim, out_features)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_dim, dim))
+
+    def forward(self, x: torch.Tensor, adaln: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 + linear(self.adaLN_modulation[1], F.silu(adaln))
+        return linear(self.linear, self.norm_final(x.float()) * scale.unsqueeze(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Patching: channel-last 2x2 patches, padding to a multiple of 32
+# ---------------------------------------------------------------------------------------------
+def patchify(latents: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, (H/p)(W/p), p*p*C): tokens row-major, features ordered (pH, pW, C)."""
+    b, c, height, width = latents.shape
+    x = latents.reshape(b, c, height // patch, patch, width // patch, patch).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, (height // patch) * (width // patch), patch * patch * c)
+
+
+def unpatchify(tokens: torch.Tensor, grid: tuple[int, int], patch: int) -> torch.Tensor:
+    """Inverse of `patchify` on the h*w real tokens: (B, h*w, p*p*C) -> (B, C, h*p, w*p)."""
+    h, w = grid
+    b, _, features = tokens.shape
+    c = features // (patch * patch)
+    x = tokens.reshape(b, h, w, patch, patch, c).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, c, h * patch, w * patch)
+
+
+def pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, n, F) -> (B, padded_len(n), F), repeating the last row (the reference's padding before embedding)."""
+    missing = padded_len(x.shape[1]) - x.shape[1]
+    return torch.cat([x, x[:, -1:].expand(-1, missing, -1)], dim=1) if missing else x
+
+
+def with_pad_token(x: torch.Tensor, real: int, token: torch.Tensor) -> torch.Tensor:
+    """Rows from `real` on replaced by the learned pad token (1, d)."""
+    if real == x.shape[1]:
+        return x
+    return torch.cat([x[:, :real], token.float().expand(x.shape[0], x.shape[1] - real, -1)], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. The model
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ZImageForwardState:
+    """Per-forward values the blocks and the head need (`TokenState.model`).
+
+    adaln: (B, adaln_dim) fp32 time vector; grid: (h, w) token grid; image_len: real image tokens (h * w;
+    the stream holds padded_len of them); caption_len: valid caption tokens (the stream holds
+    `TokenState.text_len` = its padded length); dtype: the latents' dtype.
+    """
+
+    adaln: torch.Tensor
+    grid: tuple[int, int]
+    image_len: int
+    caption_len: int
+    dtype: torch.dtype
+
+
+_FP32_PARAMS = re.compile(r"^(t_embedder\.|cap_embedder\.0\.|x_pad_token$|cap_pad_token$|all_final_layer\.)"
+                          r"|norm[^.]*\.weight$")
+
+
+class ZImageTransformer(nn.Module):
+    """Z-Image(-Turbo) DiT. config: network shape; attn_fn: the attention function behind the seam,
+    (B, L, H, D) layout. Use `from_pretrained` for checkpoints."""
+
+    latent = Z_IMAGE_LATENT
+
+    def __init__(self, config: ZImageDiTConfig, attn_fn: AttentionFn = sdpa_attention) -> None:
+        super().__init__()
+        self.config = config
+        d, key = config.dim, config.embedder_key
+        self.all_x_embedder = nn.ModuleDict({key: nn.Linear(config.patch_features, d)})
+        self.all_final_layer = nn.ModuleDict({key: FinalLayer(d, config.patch_features, config.adaln_dim)})
+        r = config.n_refiner_layers
+        self.noise_refiner = nn.ModuleList(ZImageBlock(config, "noise", i, attn_fn) for i in range(r))
+        self.context_refiner = nn.ModuleList(ZImageBlock(config, "context", r + i, attn_fn) for i in range(r))
+        self.t_embedder = TimestepEmbedder(config.adaln_dim)
+        self.cap_embedder = nn.Sequential(RMSNorm(config.cap_feat_dim, config.norm_eps),
+                                          nn.Linear(config.cap_feat_dim, d))
+        self.x_pad_token = nn.Parameter(torch.zeros(1, d))
+        self.cap_pad_token = nn.Parameter(torch.zeros(1, d))
+        self.layers = nn.ModuleList(ZImageBlock(config, "main", 2 * r + i, attn_fn) for i in range(config.n_layers))
+
+    # ---- precision policy ----
+    @classmethod
+    def keep_fp32(cls, name: str) -> bool:
+        """True for parameters kept fp32 under bf16 weights (time MLP, caption norm, every norm, pad tokens,
+        final layer)."""
+        return _FP32_PARAMS.search(name) is not None
+
+    def set_attention(self, attn_fn: AttentionFn) -> None:
+        for block in self.blocks:
+            block.attn_fn = attn_fn
+
+    # ---- block protocol ----
+    @property
+    def blocks(self) -> list[ZImageBlock]:
+        """Noise refiners, context refiners, main layers: forward order."""
+        return [*self.noise_refiner, *self.context_refiner, *self.layers]
+
+    def rope(self, caption_len: int, grid: tuple[int, int], device: torch.device | str | None = None) -> RopeTables:
+        """Text-first tables: the L_pad caption rows, then the padded image rows; the last ones are kept."""
+        key = (caption_len, tuple(grid), torch.device(device) if device is not None else None)
+        cached = self.__dict__.get("_rope_cache")
+        if cached is None or cached[0] != key:
+            cap_ids, img_ids = position_ids(caption_len, grid, device)
+            with torch.inference_mode(False):
+                tables = rope_tables(torch.cat([cap_ids, img_ids]), self.config.axes_dims, self.config.axes_lens,
+                                     self.config.rope_theta)
+            cached = self._rope_cache = (key, tables)
+        return cached[1]
+
+    def prepare(self, latents: torch.Tensor, t_model: torch.Tensor | float, captions: torch.Tensor) -> TokenState:
+        """Embed time, image and caption tokens (refiners not run).
+
+        latents: (B, in_channels, H, W), H and W multiples of the patch size; t_model: (B,) or a scalar, the
+        model's own time (1 - sigma; the diffusers pipeline passes (1000 - 1000 sigma) / 1000);
+        captions: (B, L, cap_feat_dim), the L valid text-encoder rows of every sample (one length per batch).
+        """
+        cfg = self.config
+        p = cfg.patch_size
+        if latents.ndim != 4 or latents.shape[1] != cfg.in_channels:
+            raise ValueError(f"latents must be (B, {cfg.in_channels}, H, W), got {tuple(latents.shape)}")
+        batch, _, height, width = latents.shape
+        if height % p or width % p:
+            raise ValueError(f"latent height and width {(height, width)} must be multiples of the patch size {p}")
+        if captions.ndim != 3 or captions.shape[0] != batch or captions.shape[2] != cfg.cap_feat_dim:
+            raise ValueError(f"captions must be (B={batch}, L, {cfg.cap_feat_dim}), got {tuple(captions.shape)}")
+        if captions.shape[1] == 0:
+            raise ValueError("the caption has no tokens; Z-Image needs at least one (the empty prompt still has "
+                             "its chat-template tokens)")
+        t_model = torch.as_tensor(t_model, dtype=torch.float32, device=latents.device)
+        if t_model.ndim == 0:
+            t_model = t_model.expand(batch)
+        if t_model.shape != (batch,):
+            raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t_model.shape)}")
+
+        grid = (height // p, width // p)
+        image_len, caption_len = grid[0] * grid[1], captions.shape[1]
+        adaln = self.t_embedder(t_model * cfg.t_scale)
+        embed = self.all_x_embedder[cfg.embedder_key]
+        img = with_pad_token(linear(embed, pad_rows(patchify(latents, p))), image_len, self.x_pad_token)
+        cap = self.cap_embedder[1]
+        txt = linear(cap, self.cap_embedder[0](pad_rows(captions)))
+        txt = with_pad_token(txt, caption_len, self.cap_pad_token)
+        rope = self.rope(caption_len, grid, latents.device)
+        state = ZImageForwardState(adaln=adaln, grid=grid, image_len=image_len, caption_len=caption_len,
+                                   dtype=latents.dtype)
+        return TokenState(img=img, txt=txt, rope=rope, text_len=txt.shape[1], model=state)
+
+    def run_block(self, block: ZImageBlock, img: torch.Tensor, txt: torch.Tensor | None,
+                  state: TokenState) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """noise: image tokens with the image rows of the RoPE; context: caption tokens with the caption rows;
+        main: cat(caption, image) with all rows (joint attention, text first)."""
+        if txt is None:
+            raise ValueError("Z-Image keeps a caption stream; txt must not be None")
+        n_txt = state.text_len
+        adaln = state.model.adaln
+        if block.kind == "noise":
+            rope = tuple(r[n_txt:] for r in state.rope)
+            return block(img, rope, adaln, AttentionMeta(layer=block.layer, kind="self")), txt
+        if block.kind == "context":
+            # text-only attention: a joint sequence with no image rows (the seam has no text-only kind)
+            rope = tuple(r[:n_txt] for r in state.rope)
+            meta = AttentionMeta(layer=block.layer, kind="joint", text_len=n_txt)
+            return img, block(txt, rope, None, meta)
+        x = block(torch.cat([txt, img], dim=1), state.rope, adaln,
+                  AttentionMeta(layer=block.layer, kind="joint", text_len=n_txt))
+        return x[:, n_txt:], x[:, :n_txt]
+
+    def run_head(self, img: torch.Tensor, state: TokenState) -> torch.Tensor:
+        """(B, n, patch_features) fp32 model output per image token (pad tokens included)."""
+        return self.all_final_layer[self.config.embedder_key](img, state.model.adaln)
+
+    def unpatch(self, patches: torch.Tensor, state: TokenState) -> torch.Tensor:
+        """The model output on the real image tokens as latents (B, C, H, W) fp32 (the reference's sign)."""
+        return unpatchify(patches[:, : state.model.image_len], state.model.grid, self.config.patch_size)
+
+    def to_latents(self, patches: torch.Tensor, state: TokenState) -> torch.Tensor:
+        """The flow velocity d x / d sigma: the model output negated (the diffusers pipeline negates it)."""
+        return (-self.unpatch(patches, state)).to(state.model.dtype)
+
+    def begin(self, latents: torch.Tensor, t: torch.Tensor, conditioning: Sequence[Conditioning],
+              guidance: torch.Tensor | None = None) -> TokenState:
+        """t (B,) = 1000 * sigma -> the model's time (1000 - t) / 1000, as the diffusers pipeline computes it;
+        one conditioning per branch (its valid rows: `mask` selects them when given). Every branch must have
+        the same caption length: the reference masks padding across a batch of unequal captions, which this
+        port does not implement."""
+        if guidance is not None:
+            raise ValueError("Z-Image has no distilled-guidance input; pass guidance=None (CFG is a second branch)")
+        if len(conditioning) != latents.shape[0]:
+            raise ValueError(f"{len(conditioning)} conditionings for {latents.shape[0]} branches")
+        contexts = [c.context[c.mask.to(torch.bool)] if c.mask is not None else c.context for c in conditioning]
+        lengths = sorted({len(c) for c in contexts})
+        if len(lengths) > 1:
+            raise ValueError(f"captions of different lengths {lengths} in one batch: the reference would mask the "
+                             f"shorter ones' padding, which is not implemented; run the branches separately")
+        t = torch.as_tensor(t, dtype=torch.float32, device=latents.device)
+        t_model = (1000 - t) / 1000
+        return self.prepare(latents, t_model, torch.stack(contexts).to(latents.device))
+
+    CACHE_SIGNALS = ("modulated_input",)
+
+    def cache_signal(self, state: TokenState, name: str) -> CacheSignal:
+        """modulated_input: the first noise-refiner block's modulated image tokens, RMSNorm1(x) * (1 + s_msa),
+        (B, n, d) fp32, per token."""
+        if name not in self.CACHE_SIGNALS:
+            raise ValueError(f"Z-Image has no cache signal {name!r}; its signals are {', '.join(self.CACHE_SIGNALS)}")
+        if not len(self.noise_refiner):
+            raise ValueError("modulated_input needs a noise-refiner block")
+        first = self.noise_refiner[0]
+        scale_msa = first.modulations(state.model.adaln)[0]
+        return CacheSignal(first.attention_norm1(state.img) * scale_msa, per_token=True)
+
+    def forward(self, latents: torch.Tensor, t_model: torch.Tensor | float, captions: torch.Tensor) -> torch.Tensor:
+        """The raw model output (B, C, H, W) fp32 with diffusers' conventions: t_model = 1 - sigma, not negated
+        (see `prepare`). The sampler's velocity is its negation (`begin`/`to_latents`)."""
+        state = self.prepare(latents, t_model, captions)
+        img, txt = state.img, state.txt
+        for block in self.blocks:
+            img, txt = self.run_block(block, img, txt, state)
+        return self.unpatch(self.run_head(img, state), state)
+
+    # ---- checkpoints ----
+    @staticmethod
+    def read_config(folder: str | Path) -> ZImageDiTConfig:
+        path = Path(folder) / "config.json"
+        try:
+            cfg = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"missing {path}") from None
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+        if cfg.get("_class_name") != DIFFUSERS_CLASS:
+            raise CheckpointError(f"{path}: _class_name {cfg.get('_class_name')!r} is not {DIFFUSERS_CLASS}")
+        try:
+            return ZImageDiTConfig.from_diffusers_json(cfg)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                        attn_fn: AttentionFn = sdpa_attention,
+                        config: ZImageDiTConfig | None = None) -> "ZImageTransformer":
+        """Load a diffusers release folder (its `transformer/`) or a `transformer/` folder itself: config.json +
+        `diffusion_pytorch_model.safetensors` or its shards and index. Built on the meta device and filled
+        strictly: missing, unexpected or mis-shaped keys raise `CheckpointError` naming them and the files.
+        `dtype` applies to all but the `keep_fp32` parameters. `config` replaces the one read."""
+        path = Path(path).expanduser()
+        folder = next((f for f in (path / DIFFUSERS_DIT_DIR, path) if (f / "config.json").is_file()), None)
+        if folder is None:
+            raise CheckpointError(f"{path} is not a Z-Image checkpoint: expected {DIFFUSERS_DIT_DIR}/config.json (a "
+                                  f"diffusers release) or config.json (its transformer folder)")
+        cfg = config or cls.read_config(folder)
+        sd, described = load_safetensors_dir(folder)
+        with meta_device():
+            model = cls(cfg, attn_fn=attn_fn)
+        model = load_strict(model, sd, described, dtype=dtype, keep_fp32=cls.keep_fp32, device=device)
+        logger.info("loaded Z-Image DiT (%d layers + %d/%d refiners, d %d) from %s as %s", cfg.n_layers,
+                    cfg.n_refiner_layers, cfg.n_refiner_layers, cfg.dim, described, dtype)
+        return model
+
+    def save_pretrained(self, folder: str | Path, max_shard_bytes: int | None = None) -> Path:
+        """Write config.json + `diffusion_pytorch_model*.safetensors` (a diffusers `transformer/` folder)."""
+        folder = Path(folder)
+        save_safetensors_sharded({k: v.detach() for k, v in self.state_dict().items()}, folder,
+                                 max_shard_bytes=max_shard_bytes)
+        (folder / "config.json").write_text(json.dumps(self.config.to_diffusers_json(), indent=2))
+        return folder
