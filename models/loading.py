@@ -187,6 +187,16 @@ def load_strict(
     return module.eval().requires_grad_(False)
 
 
+def save_diffusers_folder(module: nn.Module, config_json: dict, folder: str | Path,
+                          max_shard_bytes: int | None = None) -> Path:
+    """Write a diffusers component folder: config.json + `diffusion_pytorch_model*.safetensors`."""
+    folder = Path(folder)
+    save_safetensors_sharded({k: v.detach() for k, v in module.state_dict().items()}, folder,
+                             max_shard_bytes=max_shard_bytes)
+    (folder / "config.json").write_text(json.dumps(config_json, indent=2))
+    return folder
+
+
 def save_safetensors_sharded(state_dict: Mapping[str, torch.Tensor], folder: str | Path,
                              stem: str = "diffusion_pytorch_model", max_shard_bytes: int | None = None) -> None:
     """Write `<stem>.safetensors`, or numbered shards plus an index when `max_shard_bytes` is exceeded."""

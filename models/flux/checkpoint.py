@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from models import config_files
 from models.errors import CheckpointError
 from models.flux.config import FluxDiTConfig
 from models.key_maps import strip_prefix
@@ -101,19 +102,7 @@ def infer_original_config(path: str | Path) -> FluxDiTConfig:
 
 def read_diffusers_config(folder: str | Path) -> FluxDiTConfig:
     """The config in a diffusers `transformer/config.json` (`_class_name: FluxTransformer2DModel`)."""
-    path = Path(folder) / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"missing {path}") from None
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-    if cfg.get("_class_name") != DIFFUSERS_CLASS:
-        raise CheckpointError(f"{path}: _class_name {cfg.get('_class_name')!r} is not {DIFFUSERS_CLASS}")
-    try:
-        return FluxDiTConfig.from_diffusers_json(cfg)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: {exc}") from exc
+    return config_files.read_diffusers_config(folder, DIFFUSERS_CLASS, FluxDiTConfig.from_diffusers_json)
 
 
 def resolve_dit(path: str | Path, config: FluxDiTConfig | None = None) -> FluxDiTSource:

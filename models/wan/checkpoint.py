@@ -15,11 +15,11 @@ and read presets with it, and they must stay light (tests/test_layering.py).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from models.config_files import read_json
 from models.errors import CheckpointError
 from models.wan.config import WanDiTConfig, WanPreset, match_preset
 
@@ -32,19 +32,10 @@ DIFFUSERS_EXPERT_DIRS = ("transformer", "transformer_2")
 Layout = Literal["original", "diffusers"]
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"missing {path}") from None
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-
-
 def read_dit_config(folder: str | Path) -> tuple[WanDiTConfig, Layout]:
     """The DiT config in `folder/config.json`, and which layout wrote it."""
     path = Path(folder) / "config.json"
-    cfg = _read_json(path)
+    cfg = read_json(path)
     cls = cfg.get("_class_name")
     try:
         if cls == "WanTransformer3DModel":
@@ -100,7 +91,7 @@ class WanCheckpoint:
 
     @classmethod
     def _resolve_diffusers(cls, root: Path) -> "WanCheckpoint":
-        index = _read_json(root / "model_index.json")
+        index = read_json(root / "model_index.json")
         dirs = tuple(root / d for d in DIFFUSERS_EXPERT_DIRS if d in index and index[d] and index[d][0] is not None)
         if not dirs:
             raise CheckpointError(f"{root / 'model_index.json'} names no transformer")

@@ -34,7 +34,6 @@ order; `run_block` dispatches on `block.kind` ("noise": image stream only, "cont
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -49,7 +48,8 @@ from torch import nn
 from models.attention import AttentionFn, AttentionMeta, sdpa_attention
 from models.conditioning import Conditioning
 from models.denoiser import CacheSignal, RopeTables, TokenState
-from models.loading import CheckpointError, load_safetensors_dir, load_strict, meta_device, save_safetensors_sharded
+from models.config_files import diffusers_transformer_folder, read_diffusers_config
+from models.loading import load_safetensors_dir, load_strict, meta_device, save_diffusers_folder
 from models.z_image.config import (
     DIFFUSERS_CLASS,
     SEQ_MULTIPLE,
@@ -68,7 +68,6 @@ QK_NORM_EPS = 1e-5
 
 FINAL_NORM_EPS = 1e-6
 
-DIFFUSERS_DIT_DIR = "transformer"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,19 +483,7 @@ class ZImageTransformer(nn.Module):
     # ---- checkpoints ----
     @staticmethod
     def read_config(folder: str | Path) -> ZImageDiTConfig:
-        path = Path(folder) / "config.json"
-        try:
-            cfg = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"missing {path}") from None
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-        if cfg.get("_class_name") != DIFFUSERS_CLASS:
-            raise CheckpointError(f"{path}: _class_name {cfg.get('_class_name')!r} is not {DIFFUSERS_CLASS}")
-        try:
-            return ZImageDiTConfig.from_diffusers_json(cfg)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: {exc}") from exc
+        return read_diffusers_config(folder, DIFFUSERS_CLASS, ZImageDiTConfig.from_diffusers_json)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -506,11 +493,7 @@ class ZImageTransformer(nn.Module):
         `diffusion_pytorch_model.safetensors` or its shards and index. Built on the meta device and filled
         strictly: missing, unexpected or mis-shaped keys raise `CheckpointError` naming them and the files.
         `dtype` applies to all but the `keep_fp32` parameters. `config` replaces the one read."""
-        path = Path(path).expanduser()
-        folder = next((f for f in (path / DIFFUSERS_DIT_DIR, path) if (f / "config.json").is_file()), None)
-        if folder is None:
-            raise CheckpointError(f"{path} is not a Z-Image checkpoint: expected {DIFFUSERS_DIT_DIR}/config.json (a "
-                                  f"diffusers release) or config.json (its transformer folder)")
+        folder = diffusers_transformer_folder(path, "Z-Image")
         cfg = config or cls.read_config(folder)
         sd, described = load_safetensors_dir(folder)
         with meta_device():
@@ -522,8 +505,4 @@ class ZImageTransformer(nn.Module):
 
     def save_pretrained(self, folder: str | Path, max_shard_bytes: int | None = None) -> Path:
         """Write config.json + `diffusion_pytorch_model*.safetensors` (a diffusers `transformer/` folder)."""
-        folder = Path(folder)
-        save_safetensors_sharded({k: v.detach() for k, v in self.state_dict().items()}, folder,
-                                 max_shard_bytes=max_shard_bytes)
-        (folder / "config.json").write_text(json.dumps(self.config.to_diffusers_json(), indent=2))
-        return folder
+        return save_diffusers_folder(self, self.config.to_diffusers_json(), folder, max_shard_bytes)
