@@ -55,6 +55,7 @@ from models.attention import AttentionFn, AttentionMeta, auto_attention
 from models.conditioning import Conditioning
 from models.cpu_linear import PackedLinear, PackedWeights, norm_modulate, residual_add
 from models.denoiser import CacheSignal, RopeTables, TokenState
+from models.dit_ops import pack_latents, unpack_latents
 from models.flux.checkpoint import ORIGINAL_DIT_FILES, resolve_dit
 from models.flux.config import FLUX_LATENT, FluxDiTConfig
 from models.flux.transformer_keys import diffusers_to_original, original_to_diffusers, strip_original_prefix
@@ -352,26 +353,7 @@ class LastLayer(nn.Module):
         return self.linear(modulate(x, shift, scale, self.linear.weight.dtype)).float()
 
 
-# ---------------------------------------------------------------------------------------------
-# 8. Latent packing: 2x2 patches of the (B, C, H/8, W/8) latent become tokens of width 4C
-# ---------------------------------------------------------------------------------------------
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, 2h, 2w) -> (B, h*w, 4C); token (row, col) row-major, feature index c*4 + ph*2 + pw."""
-    b, c, height, width = latents.shape
-    x = latents.reshape(b, c, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (height // 2) * (width // 2), c * 4)
-
-
-def unpack_latents(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Inverse of `pack_latents`: (B, h*w, 4C) -> (B, C, 2h, 2w)."""
-    h, w = grid
-    b, _, features = tokens.shape
-    x = tokens.reshape(b, h, w, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, features // 4, 2 * h, 2 * w)
-
-
-# ---------------------------------------------------------------------------------------------
-# 9. The model
+# 8. The model
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class FluxForwardState:

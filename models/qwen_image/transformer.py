@@ -47,6 +47,7 @@ from torch import nn
 from models.attention import AttentionFn, AttentionMeta, sdpa_attention
 from models.conditioning import Conditioning
 from models.denoiser import CacheSignal, RopeTables, TokenState
+from models.dit_ops import RMSNorm, apply_complex_rope, linear, pack_latents, unpack_latents
 from models.config_files import diffusers_transformer_folder, read_diffusers_config
 from models.loading import load_safetensors_dir, load_strict, meta_device, save_diffusers_folder
 from models.qwen_image.config import (
@@ -118,36 +119,9 @@ def rope_tables(ids: torch.Tensor, axes_dims: Sequence[int], theta: float = ROPE
     return rot.real.contiguous(), rot.imag.contiguous()
 
 
-def apply_rope(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
-    """x (B, L, H, D) rotated pairwise by the (L, D/2) tables: the reference's complex product, in fp32."""
-    cos, sin = rope
-    rot = torch.complex(cos, sin)[None, :, None, :]
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * rot).flatten(3).type_as(x)
-
-
 # ---------------------------------------------------------------------------------------------
 # 3. Norms, modulation and matmuls
 # ---------------------------------------------------------------------------------------------
-class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, in fp32 (the reference's variance is fp32 too)."""
-
-    def __init__(self, dim: int, eps: float = NORM_EPS) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x * self.weight.float()
-
-
-def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`layer` applied in its weight dtype, result fp32."""
-    return layer(x.to(layer.weight.dtype)).float()
-
-
 def layer_norm(x: torch.Tensor) -> torch.Tensor:
     """Non-affine LayerNorm (eps 1e-6) in fp32: every LayerNorm of the model."""
     return F.layer_norm(x.float(), (x.shape[-1],), eps=NORM_EPS)
@@ -180,10 +154,10 @@ class JointAttention(nn.Module):
         self.add_v_proj = nn.Linear(dim, dim)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.to_add_out = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(head_dim)
-        self.norm_k = RMSNorm(head_dim)
-        self.norm_added_q = RMSNorm(head_dim)
-        self.norm_added_k = RMSNorm(head_dim)
+        self.norm_q = RMSNorm(head_dim, NORM_EPS)
+        self.norm_k = RMSNorm(head_dim, NORM_EPS)
+        self.norm_added_q = RMSNorm(head_dim, NORM_EPS)
+        self.norm_added_k = RMSNorm(head_dim, NORM_EPS)
 
     def _heads(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return linear(layer, x).unflatten(-1, (-1, self.head_dim))
@@ -194,11 +168,11 @@ class JointAttention(nn.Module):
         n_txt = txt.shape[1]
         txt_rope = (rope[0][:n_txt], rope[1][:n_txt])
         img_rope = (rope[0][n_txt:], rope[1][n_txt:])
-        img_q = apply_rope(self.norm_q(self._heads(self.to_q, img)), img_rope)
-        img_k = apply_rope(self.norm_k(self._heads(self.to_k, img)), img_rope)
+        img_q = apply_complex_rope(self.norm_q(self._heads(self.to_q, img)), img_rope)
+        img_k = apply_complex_rope(self.norm_k(self._heads(self.to_k, img)), img_rope)
         img_v = self._heads(self.to_v, img)
-        txt_q = apply_rope(self.norm_added_q(self._heads(self.add_q_proj, txt)), txt_rope)
-        txt_k = apply_rope(self.norm_added_k(self._heads(self.add_k_proj, txt)), txt_rope)
+        txt_q = apply_complex_rope(self.norm_added_q(self._heads(self.add_q_proj, txt)), txt_rope)
+        txt_k = apply_complex_rope(self.norm_added_k(self._heads(self.add_k_proj, txt)), txt_rope)
         txt_v = self._heads(self.add_v_proj, txt)
         out = attn_fn(torch.cat([txt_q, img_q], dim=1), torch.cat([txt_k, img_k], dim=1),
                       torch.cat([txt_v, img_v], dim=1), meta).flatten(2)
@@ -295,26 +269,7 @@ class NormOut(nn.Module):
         return layer_norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
 
 
-# ---------------------------------------------------------------------------------------------
-# 7. Latent packing: 2x2 patches of the (B, C, H, W) latent become tokens of width 4C (FLUX.1 order)
-# ---------------------------------------------------------------------------------------------
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, 2h, 2w) -> (B, h*w, 4C); token (row, col) row-major, feature index c*4 + ph*2 + pw."""
-    b, c, height, width = latents.shape
-    x = latents.reshape(b, c, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (height // 2) * (width // 2), c * 4)
-
-
-def unpack_latents(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Inverse of `pack_latents`: (B, h*w, 4C) -> (B, C, 2h, 2w)."""
-    h, w = grid
-    b, _, features = tokens.shape
-    x = tokens.reshape(b, h, w, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, features // 4, 2 * h, 2 * w)
-
-
-# ---------------------------------------------------------------------------------------------
-# 8. The model
+# 7. The model
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class QwenImageForwardState:
@@ -345,7 +300,7 @@ class QwenImageTransformer(nn.Module):
         self.config = config
         d = config.dim
         self.time_text_embed = TimeTextEmbed(d)
-        self.txt_norm = RMSNorm(config.joint_attention_dim)
+        self.txt_norm = RMSNorm(config.joint_attention_dim, NORM_EPS)
         self.img_in = nn.Linear(config.in_channels, d)
         self.txt_in = nn.Linear(config.joint_attention_dim, d)
         self.transformer_blocks = nn.ModuleList(QwenImageBlock(config, i, attn_fn) for i in range(config.num_layers))

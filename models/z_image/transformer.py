@@ -48,6 +48,7 @@ from torch import nn
 from models.attention import AttentionFn, AttentionMeta, sdpa_attention
 from models.conditioning import Conditioning
 from models.denoiser import CacheSignal, RopeTables, TokenState
+from models.dit_ops import RMSNorm, apply_complex_rope, linear
 from models.config_files import diffusers_transformer_folder, read_diffusers_config
 from models.loading import load_safetensors_dir, load_strict, meta_device, save_diffusers_folder
 from models.z_image.config import (
@@ -125,38 +126,7 @@ def rope_tables(ids: torch.Tensor, axes_dims: Sequence[int], axes_lens: Sequence
     return rot.real.contiguous(), rot.imag.contiguous()
 
 
-def apply_rope(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
-    """x (B, L, H, D) rotated pairwise by the (L, D/2) tables; the complex product of the reference, in fp32."""
-    cos, sin = rope
-    rot = torch.complex(cos, sin)[None, :, None, :]
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * rot).flatten(3).type_as(x)
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. Norms and matmuls
-# ---------------------------------------------------------------------------------------------
-class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, in fp32 (the reference's variance is fp32 too)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x * self.weight.float()
-
-
-def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`layer` applied in its weight dtype, result fp32."""
-    return layer(x.to(layer.weight.dtype)).float()
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. Attention (q, k, v, out without bias; per-head RMSNorm on q and k; RoPE)
+# 3. Attention (q, k, v, out without bias; per-head RMSNorm on q and k; RoPE)
 # ---------------------------------------------------------------------------------------------
 class Attention(nn.Module):
     def __init__(self, dim: int, n_heads: int) -> None:
@@ -172,8 +142,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: RopeTables, attn_fn: AttentionFn, meta: AttentionMeta) -> torch.Tensor:
         q, k, v = (linear(proj, x).unflatten(-1, (self.n_heads, -1)) for proj in (self.to_q, self.to_k, self.to_v))
-        q = apply_rope(self.norm_q(q), rope)
-        k = apply_rope(self.norm_k(k), rope)
+        q = apply_complex_rope(self.norm_q(q), rope)
+        k = apply_complex_rope(self.norm_k(k), rope)
         out = attn_fn(q, k, v, meta)
         return linear(self.to_out[0], out.flatten(2))
 
@@ -192,7 +162,7 @@ class FeedForward(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Block: sandwich RMSNorms, tanh gates, scale without shift
+# 4. Block: sandwich RMSNorms, tanh gates, scale without shift
 # ---------------------------------------------------------------------------------------------
 class ZImageBlock(nn.Module):
     """One Z-Image transformer block. kind: "noise" (noise refiner, modulated, image tokens), "context"
@@ -238,7 +208,7 @@ class ZImageBlock(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Embedders and final layer
+# 5. Embedders and final layer
 # ---------------------------------------------------------------------------------------------
 class TimestepEmbedder(nn.Module):
     def __init__(self, out_dim: int) -> None:
@@ -264,7 +234,7 @@ class FinalLayer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Patching: channel-last 2x2 patches, padding to a multiple of 32
+# 6. Patching: channel-last 2x2 patches, padding to a multiple of 32
 # ---------------------------------------------------------------------------------------------
 def patchify(latents: torch.Tensor, patch: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, (H/p)(W/p), p*p*C): tokens row-major, features ordered (pH, pW, C)."""
@@ -296,7 +266,7 @@ def with_pad_token(x: torch.Tensor, real: int, token: torch.Tensor) -> torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. The model
+# 7. The model
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class ZImageForwardState:
