@@ -14,6 +14,7 @@ from typing import Any, Literal, Mapping
 
 OutputKind = Literal["video", "image"]
 GuidanceKind = Literal["cfg", "distilled", "none"]
+CfgForm = Literal["uncond", "cond"]
 """cfg: classifier-free guidance, two branches per step (CFG parallel applies); distilled: the guidance
 scale is an input of one forward (FLUX.1-dev); none: one forward, no scale (FLUX.1-schnell)."""
 
@@ -48,12 +49,47 @@ class DynamicShift:
 
 
 @dataclass(frozen=True)
+class EmpiricalShift:
+    """FLUX.2's timestep shift s = exp(mu), with mu fitted to both the image-token count and the step count.
+
+    Two lines in the token count, mu = a * tokens + b, one fitted for 10 steps (a10, b10) and one for 200 steps
+    (a200, b200); mu is linear in the steps between (and beyond) them. Above `large_seq_len` tokens the
+    200-step line is used at every step count. The constants are FLUX.2's release's (its diffusers pipeline's
+    `compute_empirical_mu`), evaluated in the same order, so the float result is identical.
+    """
+
+    a10: float = 8.73809524e-05
+    b10: float = 1.89833333
+    a200: float = 0.00016927
+    b200: float = 0.45666666
+    large_seq_len: int = 4300
+
+    def mu(self, image_seq_len: int, num_steps: int) -> float:
+        if image_seq_len > self.large_seq_len:
+            return float(self.a200 * image_seq_len + self.b200)
+        m_200 = self.a200 * image_seq_len + self.b200
+        m_10 = self.a10 * image_seq_len + self.b10
+        a = (m_200 - m_10) / 190.0
+        b = m_200 - 200.0 * a
+        return float(a * num_steps + b)
+
+    def shift(self, image_seq_len: int, num_steps: int) -> float:
+        """The shift s = exp(mu) for `image_seq_len` image tokens denoised in `num_steps` steps."""
+        return math.exp(self.mu(image_seq_len, num_steps))
+
+    def describe(self) -> str:
+        return ("exp(mu), mu fitted to the image tokens (one per 16x16 pixels) and the number of steps "
+                "(FLUX.2's empirical rule)")
+
+
+@dataclass(frozen=True)
 class SamplingDefaults:
     """What a request gets for every field it leaves empty (user params, per model).
 
     The class defaults are Wan2.1's. guidance_scale: the CFG scale, or the distilled scale of a
     guidance-distilled model; None for a model that takes no scale (FLUX.1-schnell). shift: a fixed
-    timestep shift, or a `DynamicShift` computed from each request's size (FLUX.1-dev). sampler: the
+    timestep shift, a `DynamicShift` computed from each request's size (FLUX.1-dev, Qwen-Image), or an
+    `EmpiricalShift` from its size and step count (FLUX.2). sampler: the
     default among the family's samplers. fps: frame rate of the output video (1 for an image model).
     """
 
@@ -62,7 +98,7 @@ class SamplingDefaults:
     num_frames: int = 81
     num_inference_steps: int = 50
     guidance_scale: float | None = 5.0
-    shift: float | DynamicShift = 5.0
+    shift: float | DynamicShift | EmpiricalShift = 5.0
     sampler: str = "unipc"
     fps: int = 16
 
@@ -167,7 +203,10 @@ class ModelDescription:
     this model (mode -> signal and published coefficients); num_blocks: the DiT's blocks, every kind (0:
     not known); magcache: MagCache's residual-norm ratio curves, one per branch (conditional first), None
     where none is published or calibrated; cache_thresholds: from a calibration, per cache kind its
-    measured thresholds, for requests that name a quality target (`target_psnr`).
+    measured thresholds, for requests that name a quality target (`target_psnr`); cfg_form: how true CFG combines
+    the branches, "uncond" v_u + g (v_c - v_u) (Wan, Qwen-Image) or "cond" v_c + g (v_c - v_u) (Z-Image); cfg_renorm:
+    the combined velocity is rescaled, per DiT token, to the conditional velocity's norm (Qwen-Image);
+    shift_terminal: the flow-match schedule is stretched so its last non-zero sigma is this (Qwen-Image: 0.02).
     """
 
     family: str
@@ -189,6 +228,9 @@ class ModelDescription:
     num_blocks: int = 0
     magcache: tuple[tuple[float, ...], ...] | None = None
     cache_thresholds: Mapping[str, CacheThresholds] = field(default_factory=dict)
+    cfg_form: CfgForm = "uncond"
+    cfg_renorm: bool = False
+    shift_terminal: float | None = None
 
     def __post_init__(self) -> None:
         if self.defaults.sampler not in self.samplers:
@@ -203,6 +245,11 @@ class ModelDescription:
         if self.guidance_scale_2 is not None and (self.num_experts != 2 or self.guidance != "cfg"):
             raise ValueError(f"{self.name}: guidance_scale_2 is the second CFG expert's; this model has "
                              f"{self.num_experts} expert(s) and {self.guidance!r} guidance")
+        if (self.cfg_renorm or self.cfg_form != "uncond") and self.guidance != "cfg":
+            raise ValueError(f"{self.name}: cfg_form / cfg_renorm describe true CFG; this model has {self.guidance!r} "
+                             f"guidance")
+        if self.shift_terminal is not None and not 0 < self.shift_terminal < 1:
+            raise ValueError(f"{self.name}: shift_terminal must be in (0, 1), got {self.shift_terminal}")
 
     @property
     def frames(self) -> FrameRule:
@@ -224,17 +271,20 @@ class ModelDescription:
         """Only a true-CFG model runs a negative branch."""
         return self.guidance == "cfg"
 
-    def shift_for(self, num_frames: int, height: int, width: int) -> float:
-        """The default timestep shift of a request of this size (a fixed number, or the dynamic rule's value)."""
+    def shift_for(self, num_frames: int, height: int, width: int, num_steps: int) -> float:
+        """The default timestep shift of a request of this size and step count (a fixed number, or the rule's
+        value)."""
         rule = self.defaults.shift
         if isinstance(rule, DynamicShift):
             return rule.shift(self.latent.tokens(num_frames, height, width))
+        if isinstance(rule, EmpiricalShift):
+            return rule.shift(self.latent.tokens(num_frames, height, width), num_steps)
         return float(rule)
 
     def describe_shift(self) -> str:
         """The default shift in words (for the request schema's documentation and errors)."""
         rule = self.defaults.shift
-        return rule.describe() if isinstance(rule, DynamicShift) else f"{rule:g}"
+        return rule.describe() if isinstance(rule, (DynamicShift, EmpiricalShift)) else f"{rule:g}"
 
     @property
     def guided_by_default(self) -> bool:

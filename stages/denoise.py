@@ -19,7 +19,7 @@ from flexcache.hooks import NO_HOOKS
 from flexcache.strategy import CacheStrategy, make_strategy
 from models.attention import AttentionFn, auto_attention
 from models.denoiser import BlockDenoiser
-from models.family import GuidanceKind, LatentGeometry, ModelDescription
+from models.family import CfgForm, GuidanceKind, LatentGeometry, ModelDescription
 from models.registry import describe, family_module
 from parallel.mesh import ParallelMesh
 from stages.embeddings import PromptEmbeddings
@@ -41,6 +41,31 @@ def initial_noise(params: ResolvedParams, latent: LatentGeometry) -> torch.Tenso
     generator = torch.Generator("cpu").manual_seed(params.seed)
     shape = latent.latent_shape(params.num_frames, params.height, params.width)
     return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def per_token_norms(v: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
+    """The L2 norm of each DiT token's values of a velocity (C, [F,] H, W), broadcast back to every value: the norm
+    over (C, the token's patch), the last axis of the packed (tokens, C * patch) layout the DiT works in."""
+    pf, ph, pw = patch
+    if v.ndim == 3:
+        c, h, w = v.shape
+        norms = v.reshape(c, h // ph, ph, w // pw, pw).square().sum(dim=(0, 2, 4), keepdim=True).sqrt()
+        return norms.expand(c, h // ph, ph, w // pw, pw).reshape(v.shape)
+    c, f, h, w = v.shape
+    norms = v.reshape(c, f // pf, pf, h // ph, ph, w // pw, pw).square().sum(dim=(0, 2, 4, 6), keepdim=True).sqrt()
+    return norms.expand(c, f // pf, pf, h // ph, ph, w // pw, pw).reshape(v.shape)
+
+
+def combine_guidance(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float, form: CfgForm = "uncond",
+                     renorm_patch: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """True CFG: v_u + g (v_c - v_u) ("uncond") or v_c + g (v_c - v_u) ("cond", Z-Image's pipeline); with
+    `renorm_patch` the result is rescaled per DiT token to the conditional velocity's norm (Qwen-Image's
+    pipeline), which keeps large scales from inflating the update."""
+    base = v_uncond if form == "uncond" else v_cond
+    combined = base + scale * (v_cond - v_uncond)
+    if renorm_patch is None:
+        return combined
+    return combined * (per_token_norms(v_cond, renorm_patch) / per_token_norms(combined, renorm_patch))
 
 
 @dataclass
@@ -73,12 +98,15 @@ class DenoiseStage:
     the DiT class's `latent` geometry (its family's VAE latents). Every forward goes through `stages.runner.BlockRunner`; with a
     `ParallelMesh` it is spread over the mesh's ranks, and all ranks of the mesh must then drive the
     same jobs through the same calls together. teacache_signals: the model's TeaCache mode -> signal
-    name (its description's `teacache`), for requests that ask for TeaCache.
+    name (its description's `teacache`), for requests that ask for TeaCache. cfg_form, cfg_renorm and
+    shift_terminal are the model's (`ModelDescription`): how the CFG branches combine, and how the flow-match
+    schedule ends.
     """
 
     def __init__(self, experts: Sequence[BlockDenoiser], boundary: float | None = None,
                  mesh: ParallelMesh | None = None, guidance: GuidanceKind = "cfg",
-                 attn_fn: AttentionFn = auto_attention, teacache_signals: Mapping[str, str] | None = None) -> None:
+                 attn_fn: AttentionFn = auto_attention, teacache_signals: Mapping[str, str] | None = None,
+                 cfg_form: CfgForm = "uncond", cfg_renorm: bool = False, shift_terminal: float | None = None) -> None:
         if len(experts) not in (1, 2) or (len(experts) == 2) != (boundary is not None):
             raise ValueError("pass one expert, or two experts (high-noise first) with a boundary")
         self.experts = list(experts)
@@ -87,6 +115,9 @@ class DenoiseStage:
         self.guidance = guidance
         self.attn_fn = attn_fn
         self.teacache_signals = dict(teacache_signals or {})
+        self.cfg_form: CfgForm = cfg_form
+        self.cfg_renorm = cfg_renorm
+        self.shift_terminal = shift_terminal
         first = next(self.experts[0].parameters())  # type: ignore[attr-defined]
         self.device = first.device
         self.mesh: ParallelMesh | None = None
@@ -107,7 +138,8 @@ class DenoiseStage:
         model = model if isinstance(model, ModelDescription) else describe(model)
         experts, boundary = family_module(model.family).load_denoisers(model, dtype=dtype, device=device)
         return cls(experts, boundary, mesh, model.guidance, attn_fn,
-                   {mode: calibration.signal for mode, calibration in model.teacache.items()})
+                   {mode: calibration.signal for mode, calibration in model.teacache.items()},
+                   cfg_form=model.cfg_form, cfg_renorm=model.cfg_renorm, shift_terminal=model.shift_terminal)
 
     def start(self, params: ResolvedParams, embeddings: PromptEmbeddings,
               latents: torch.Tensor | None = None, cache: CacheStrategy | None = None) -> DenoiseJob:
@@ -118,7 +150,7 @@ class DenoiseStage:
                              f"DiT's guidance is {self.guidance!r}: resolve them against this model's description")
         if params.guided and self.guidance == "cfg" and embeddings.negative is None:
             raise ValueError("guided denoising needs negative-prompt embeddings")
-        sampler = make_sampler(params.sampler, params.num_inference_steps, params.shift)
+        sampler = make_sampler(params.sampler, params.num_inference_steps, params.shift, self.shift_terminal)
         noise = initial_noise(params, self.latent) if latents is None else latents.to(torch.float32)
         if cache is None:
             cache = make_strategy(params.cache, len(sampler.timesteps), self.teacache_signals, sampler.sigmas.tolist())
@@ -131,8 +163,8 @@ class DenoiseStage:
 
     @torch.inference_mode()
     def velocity(self, job: DenoiseJob, timestep: torch.Tensor) -> torch.Tensor:
-        """The model's velocity at one timestep; under CFG v_u + g * (v_c - v_u), from one batched forward
-        of both branches."""
+        """The model's velocity at one timestep; under CFG the branches' `combine_guidance`, from one batched
+        forward of both branches."""
         expert, scale = self._expert_and_guidance(float(timestep), job.params)
         if expert != job.expert and job.cache is not None:
             job.cache.reset()  # the other expert's activations are not comparable with this one's
@@ -150,8 +182,7 @@ class DenoiseStage:
                                   step=job.step).float()
         if batch == 1:
             return v[0]
-        v_cond, v_uncond = v[0], v[1]
-        return v_uncond + scale * (v_cond - v_uncond)
+        return combine_guidance(v[0], v[1], scale, self.cfg_form, self.latent.patch if self.cfg_renorm else None)
 
     def run_steps(self, job: DenoiseJob, max_steps: int | None = None,
                   progress: ProgressFn | None = None) -> DenoiseJob:

@@ -238,7 +238,8 @@ class GenerationParams(BaseModel):
             guidance_2 = guidance
         else:
             guidance_2 = self.guidance_scale_2 if self.guidance_scale_2 is not None else model.guidance_scale_2
-        shift = self.shift if self.shift is not None else model.shift_for(num_frames, height, width)
+        num_steps = self.num_inference_steps if self.num_inference_steps is not None else defaults.num_inference_steps
+        shift = self.shift if self.shift is not None else model.shift_for(num_frames, height, width, num_steps)
         negative = (self.negative_prompt or model.negative_prompt) if model.takes_negative_prompt else ""
         seed = self.seed if self.seed is not None else secrets.randbelow(MAX_SEED + 1)
         return ResolvedParams(
@@ -247,8 +248,7 @@ class GenerationParams(BaseModel):
             height=height,
             width=width,
             num_frames=num_frames,
-            num_inference_steps=(self.num_inference_steps if self.num_inference_steps is not None
-                                 else defaults.num_inference_steps),
+            num_inference_steps=num_steps,
             guidance=model.guidance,
             guidance_scale=float(guidance),
             guidance_scale_2=float(guidance_2),

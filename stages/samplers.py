@@ -290,31 +290,45 @@ def flux_shift(image_seq_len: int) -> float:
     return FLUX_DYNAMIC_SHIFT.shift(image_seq_len)
 
 
-def flowmatch_sigmas(num_steps: int, shift: float) -> np.ndarray:
+def flowmatch_sigmas(num_steps: int, shift: float, shift_terminal: float | None = None) -> np.ndarray:
     """(N,) float32 sigmas: linspace(1, 1/N, N) in float64, stored as float32, then s / (s + (1/sigma - 1)).
 
     With s = exp(mu) this is the exponential time shift e^mu / (e^mu + (1/sigma - 1)), evaluated in
     float32 numpy exactly as diffusers does; s = 1 (FLUX.1-schnell) leaves the linspace unshifted.
-    Mathematically it equals Wan's s * sigma / (1 + (s - 1) * sigma).
+    Mathematically it equals Wan's s * sigma / (1 + (s - 1) * sigma) (diffusers evaluates a static shift in
+    that form, which differs from this one by float32 rounding only).
+
+    shift_terminal (Qwen-Image: 0.02): then stretch 1 - sigma linearly so the last sigma lands on it, leaving
+    sigma_0 = 1 (diffusers' `stretch_shift_to_terminal`, same float32 operations). A one-step schedule is the
+    single sigma 1, which no stretch can move (diffusers divides by zero there): it stays [1].
     """
     _check_schedule_args(num_steps, shift)
     sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
-    if shift == 1.0:
-        return sigmas
-    return shift / (shift + (1 / sigmas - 1) ** 1.0)
+    if shift != 1.0:
+        sigmas = shift / (shift + (1 / sigmas - 1) ** 1.0)
+    if shift_terminal is not None:
+        if not 0 < shift_terminal < 1:
+            raise ValueError(f"shift_terminal must be in (0, 1), got {shift_terminal!r}")
+        if num_steps == 1:
+            return sigmas
+        one_minus_z = 1 - sigmas
+        scale_factor = one_minus_z[-1] / (1 - shift_terminal)
+        sigmas = 1 - (one_minus_z / scale_factor)
+    return sigmas
 
 
 class FlowMatchEulerSampler:
     """Flow Euler x_{k+1} = x_k + (sigma_{k+1} - sigma_k) * v in fp32 on FLUX's schedule (stateless).
 
-    `shift` is exp(mu): `flux_shift(flux_image_seq_len(h, w))` for FLUX.1-dev, 1.0 for schnell.
-    timesteps are float32 sigma * 1000 (the FLUX DiT divides by 1000 again and embeds the float).
+    `shift` is exp(mu): `flux_shift(flux_image_seq_len(h, w))` for FLUX.1-dev, 1.0 for schnell; `shift_terminal`
+    stretches the schedule's end (`flowmatch_sigmas`). timesteps are float32 sigma * 1000 (the FLUX DiT divides
+    by 1000 again and embeds the float).
     """
 
     name = "flowmatch-euler"
 
-    def __init__(self, num_steps: int, shift: float) -> None:
-        sigmas = torch.from_numpy(flowmatch_sigmas(num_steps, shift)).to(torch.float32)
+    def __init__(self, num_steps: int, shift: float, shift_terminal: float | None = None) -> None:
+        sigmas = torch.from_numpy(flowmatch_sigmas(num_steps, shift, shift_terminal)).to(torch.float32)
         self.timesteps = sigmas * NUM_TRAIN_TIMESTEPS
         self.sigmas = torch.cat([sigmas, torch.zeros(1)])
         self.num_steps = num_steps
@@ -337,12 +351,18 @@ _SAMPLERS: dict[str, Callable[[int, float], FlowSampler]] = {
 }
 
 
-def make_sampler(name: str, num_steps: int, shift: float) -> FlowSampler:
-    """A fresh sampler for one request: `name` in SAMPLER_NAMES, N steps, shift s > 0."""
+def make_sampler(name: str, num_steps: int, shift: float, shift_terminal: float | None = None) -> FlowSampler:
+    """A fresh sampler for one request: `name` in SAMPLER_NAMES, N steps, shift s > 0; `shift_terminal` (a model
+    param, `ModelDescription.shift_terminal`) only on the flow-match schedule, whose end it stretches."""
     try:
         cls = _SAMPLERS[name]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}") from None
-    sampler = cls(num_steps, shift)
+    if shift_terminal is not None:
+        if cls is not FlowMatchEulerSampler:
+            raise ValueError(f"shift_terminal applies to the flowmatch-euler schedule only, not {name!r}")
+        sampler: FlowSampler = FlowMatchEulerSampler(num_steps, shift, shift_terminal)
+    else:
+        sampler = cls(num_steps, shift)
     logger.debug("sampler %s: %d steps, shift %s, t[0]=%d", name, num_steps, shift, int(sampler.timesteps[0]))
     return sampler

@@ -61,12 +61,12 @@ def test_descriptions_carry_the_request_rules_torch_free() -> None:
     assert (wan.samplers, wan.defaults.sampler) == (("unipc", "dpm++", "euler"), "unipc")
     assert (dev.samplers, dev.defaults.sampler) == (("flowmatch-euler",), "flowmatch-euler")
     assert all(set(m.samplers) <= set(SAMPLER_NAMES) for m in (wan, a14b, dev, schnell))
-    assert (wan.shift_for(81, 480, 832), a14b.shift_for(81, 480, 832), schnell.shift_for(1, 1024, 1024)) == (
+    assert (wan.shift_for(81, 480, 832, 50), a14b.shift_for(81, 480, 832, 40), schnell.shift_for(1, 1024, 1024, 4)) == (
         5.0, 12.0, 1.0)
     # dev: mu from 0.5 at 256 image tokens (256x256 pixels) to 1.15 at 4096 (1024x1024), shift exp(mu)
-    assert dev.shift_for(1, 256, 256) == pytest.approx(math.exp(0.5))
-    assert dev.shift_for(1, 1024, 1024) == pytest.approx(math.exp(1.15))
-    assert dev.shift_for(1, 512, 512) == pytest.approx(math.exp(0.5 + 0.65 * (1024 - 256) / 3840))
+    assert dev.shift_for(1, 256, 256, 28) == pytest.approx(math.exp(0.5))
+    assert dev.shift_for(1, 1024, 1024, 28) == pytest.approx(math.exp(1.15))
+    assert dev.shift_for(1, 512, 512, 28) == pytest.approx(math.exp(0.5 + 0.65 * (1024 - 256) / 3840))
     assert (wan.guidance, dev.guidance, schnell.guidance) == ("cfg", "distilled", "none")
     assert wan.takes_negative_prompt and not dev.takes_negative_prompt and not schnell.takes_negative_prompt
     assert dev.takes_guidance_scale and not schnell.takes_guidance_scale and dev.defaults.guidance_scale == 3.5
