@@ -10,7 +10,7 @@ The forward (one sample; a batch repeats it per row):
   the last patch, embedded, then the pad rows replaced by the learned `x_pad_token`; the modulated noise
   refiner runs on these image tokens alone. Pad tokens are attended like any other token.
 - caption: the valid text-encoder rows, padded the same way, RMSNorm + Linear, pad rows -> `cap_pad_token`;
-  the unmodulated context refiner runs on them alone.
+  the unmodulated context refiner runs on them alone (it depends on neither t nor the latents).
 - main layers on the unified sequence of both, the final layer, then the real image tokens are unpatched.
 - block: a = Attn(RMSNorm1(x) * (1 + s_msa)); x += tanh(g_msa) * RMSNorm2(a);
   x += tanh(g_mlp) * RMSNorm4(SwiGLU(RMSNorm3(x) * (1 + s_mlp))). No shift; the modulation Linear gets the
@@ -27,9 +27,18 @@ the softmax over keys (measured in tests/models/z_image/test_transformer.py).
 Precision: the token streams, time vector, norms, RoPE, modulations and final layer outputs are fp32; the
 matmuls run in the weight dtype. `keep_fp32` names the parameters kept fp32 under bf16 weights.
 
-Block protocol (models/denoiser.py): `blocks` = noise refiners, context refiners, main layers, in forward
-order; `run_block` dispatches on `block.kind` ("noise": image stream only, "context": caption stream only,
-"main": both). `TokenState.rope` is text-first (caption rows, then image rows); each kind takes its rows.
+Block protocol (models/denoiser.py): `begin` embeds and runs the context refiner (caption tokens only,
+unmodulated: a function of the prompt alone, so it is part of the cheap, replicated prologue; under context
+parallelism every rank runs it on the whole caption, with the model's own local attention, not the seam).
+`blocks` = noise refiners, then main layers, in forward order; `run_block` dispatches on `block.kind`
+("noise": modulated self-attention over the image stream only, kind "self", so context parallelism shards it
+like Wan's self-attention; "main": joint attention over [caption, image], text replicated, image sharded).
+`TokenState.rope` is text-first (caption rows, then image rows); each kind takes its rows.
+
+Padding and context parallelism: the image stream the blocks see is the padded one (a multiple of 32
+tokens, the pads being learned `x_pad_token` rows the reference attends like real tokens), so its length is
+the "real" sequence length for the runner; the runner's own zero padding to a multiple of the sp degree (none
+for degrees dividing 32) is dropped by the parallel attention, and `unpatch` keeps the first h * w tokens.
 """
 
 from __future__ import annotations
@@ -167,7 +176,8 @@ class FeedForward(nn.Module):
 class ZImageBlock(nn.Module):
     """One Z-Image transformer block. kind: "noise" (noise refiner, modulated, image tokens), "context"
     (context refiner, unmodulated, caption tokens) or "main" (modulated, the unified sequence).
-    layer: index in forward order over all blocks (AttentionMeta.layer)."""
+    layer: index in the protocol's `blocks` (AttentionMeta.layer); -1 for a context-refiner block, which is
+    not one of them (it runs in `begin`)."""
 
     def __init__(self, config: ZImageDiTConfig, kind: str, layer: int, attn_fn: AttentionFn) -> None:
         super().__init__()
@@ -302,13 +312,14 @@ class ZImageTransformer(nn.Module):
         self.all_final_layer = nn.ModuleDict({key: FinalLayer(d, config.patch_features, config.adaln_dim)})
         r = config.n_refiner_layers
         self.noise_refiner = nn.ModuleList(ZImageBlock(config, "noise", i, attn_fn) for i in range(r))
-        self.context_refiner = nn.ModuleList(ZImageBlock(config, "context", r + i, attn_fn) for i in range(r))
+        # attn_fn stays this refiner's own: it runs in `begin` on the whole caption of every rank, off the seam
+        self.context_refiner = nn.ModuleList(ZImageBlock(config, "context", -1, attn_fn) for _ in range(r))
         self.t_embedder = TimestepEmbedder(config.adaln_dim)
         self.cap_embedder = nn.Sequential(RMSNorm(config.cap_feat_dim, config.norm_eps),
                                           nn.Linear(config.cap_feat_dim, d))
         self.x_pad_token = nn.Parameter(torch.zeros(1, d))
         self.cap_pad_token = nn.Parameter(torch.zeros(1, d))
-        self.layers = nn.ModuleList(ZImageBlock(config, "main", 2 * r + i, attn_fn) for i in range(config.n_layers))
+        self.layers = nn.ModuleList(ZImageBlock(config, "main", r + i, attn_fn) for i in range(config.n_layers))
 
     # ---- precision policy ----
     @classmethod
@@ -318,14 +329,15 @@ class ZImageTransformer(nn.Module):
         return _FP32_PARAMS.search(name) is not None
 
     def set_attention(self, attn_fn: AttentionFn) -> None:
+        """The seam of the protocol's blocks (the context refiner keeps its local attention, see `begin`)."""
         for block in self.blocks:
             block.attn_fn = attn_fn
 
     # ---- block protocol ----
     @property
     def blocks(self) -> list[ZImageBlock]:
-        """Noise refiners, context refiners, main layers: forward order."""
-        return [*self.noise_refiner, *self.context_refiner, *self.layers]
+        """Noise refiners, then main layers: forward order (the context refiner runs in `begin`)."""
+        return [*self.noise_refiner, *self.layers]
 
     def rope(self, caption_len: int, grid: tuple[int, int], device: torch.device | str | None = None) -> RopeTables:
         """Text-first tables: the L_pad caption rows, then the padded image rows; the last ones are kept."""
@@ -340,7 +352,8 @@ class ZImageTransformer(nn.Module):
         return cached[1]
 
     def prepare(self, latents: torch.Tensor, t_model: torch.Tensor | float, captions: torch.Tensor) -> TokenState:
-        """Embed time, image and caption tokens (refiners not run).
+        """Embed time, image and caption tokens and run the context refiner on the caption (the noise refiner
+        is the first of `blocks`).
 
         latents: (B, in_channels, H, W), H and W multiples of the patch size; t_model: (B,) or a scalar, the
         model's own time (1 - sigma; the diffusers pipeline passes (1000 - 1000 sigma) / 1000);
@@ -373,14 +386,18 @@ class ZImageTransformer(nn.Module):
         txt = linear(cap, self.cap_embedder[0](pad_rows(captions)))
         txt = with_pad_token(txt, caption_len, self.cap_pad_token)
         rope = self.rope(caption_len, grid, latents.device)
+        n_txt = txt.shape[1]
+        txt_rope = (rope[0][:n_txt], rope[1][:n_txt])
+        for block in self.context_refiner:  # caption-only self-attention, unmodulated
+            txt = block(txt, txt_rope, None, AttentionMeta(layer=block.layer, kind="self"))
         state = ZImageForwardState(adaln=adaln, grid=grid, image_len=image_len, caption_len=caption_len,
                                    dtype=latents.dtype)
         return TokenState(img=img, txt=txt, rope=rope, text_len=txt.shape[1], model=state)
 
     def run_block(self, block: ZImageBlock, img: torch.Tensor, txt: torch.Tensor | None,
                   state: TokenState) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """noise: image tokens with the image rows of the RoPE; context: caption tokens with the caption rows;
-        main: cat(caption, image) with all rows (joint attention, text first)."""
+        """noise: image tokens with the image rows of the RoPE (self-attention); main: cat(caption, image) with
+        all rows (joint attention, text first)."""
         if txt is None:
             raise ValueError("Z-Image keeps a caption stream; txt must not be None")
         n_txt = state.text_len
@@ -388,11 +405,8 @@ class ZImageTransformer(nn.Module):
         if block.kind == "noise":
             rope = tuple(r[n_txt:] for r in state.rope)
             return block(img, rope, adaln, AttentionMeta(layer=block.layer, kind="self")), txt
-        if block.kind == "context":
-            # text-only attention: a joint sequence with no image rows (the seam has no text-only kind)
-            rope = tuple(r[:n_txt] for r in state.rope)
-            meta = AttentionMeta(layer=block.layer, kind="joint", text_len=n_txt)
-            return img, block(txt, rope, None, meta)
+        if block.kind != "main":
+            raise ValueError(f"a {block.kind} block is not one of `blocks` (the context refiner runs in begin)")
         x = block(torch.cat([txt, img], dim=1), state.rope, adaln,
                   AttentionMeta(layer=block.layer, kind="joint", text_len=n_txt))
         return x[:, n_txt:], x[:, :n_txt]
