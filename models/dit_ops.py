@@ -1,11 +1,12 @@
-"""Small pieces several DiT families share with the same math: fp32 RMSNorm, an fp32-result Linear, the
-complex-pair RoPE product, and FLUX-order 2x2 latent packing. A family module reads like its paper and
-imports these instead of carrying its own copy.
+"""Small pieces several DiT families share with the same math: fp32 RMSNorm, the adaLN modulation, an
+fp32-result Linear, the complex-pair RoPE product, and FLUX-order 2x2 latent packing. A family module reads like
+its paper and imports these instead of carrying its own copy.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]
@@ -23,6 +24,12 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return x * self.weight.float()
+
+
+def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """LN(x) * (1 + scale) + shift in fp32 with a non-affine LayerNorm, in the references' operation order
+    (bit-identical to diffusers' adaLN; folding the modulation into the LayerNorm's affine is not)."""
+    return F.layer_norm(x.float(), (x.shape[-1],), eps=eps) * (1 + scale) + shift
 
 
 def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
