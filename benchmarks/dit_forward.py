@@ -1,10 +1,14 @@
-"""One DiT forward: our model vs diffusers' with the same weights and inputs, for the Wan or the FLUX.1 family.
+"""One DiT forward: our model vs diffusers' with the same weights and inputs, for each DiT family.
 
 `--family wan` (the default): native `WanTransformer` vs diffusers `WanTransformer3DModel`, a few layers at the
 real Wan2.1-1.3B width (dim 1536, 12 heads, ffn 8960, text 512 x 4096) on >= 1,500 video tokens.
 `--family flux`: native `FluxTransformer` vs diffusers `FluxTransformer2DModel` (dev, with the guidance
 embedding), a few double- and single-stream blocks at the real FLUX.1 width (3072, 24 heads of 128, MLP 12288,
 T5 context 4096, CLIP pooled 768) on a 64x64 latent (512x512 px: 1,024 image tokens) plus 512 text tokens.
+`--family qwen-image`: native `QwenImageTransformer` vs `QwenImageTransformer2DModel`, a few dual-stream blocks at
+the real width (3072, 24 heads, text 3584) on 1,024 image tokens plus `--text-len` text tokens.
+`--family z-image`: native `ZImageTransformer` vs `ZImageTransformer2DModel`, the two refiners of each kind and a
+few main blocks at the real width (3840, 30 heads, SwiGLU 10240, text 2560) on 1,024 image tokens plus the caption.
 
 Both run in fp32 and in bf16, in one process. The two models' runs are interleaved (alternating which goes
 first) and the medians are reported, because the machine may be shared; "paired" is the median of the
@@ -32,6 +36,8 @@ the JSON plots the times and the GFLOP/s against the peak.
     .venv/bin/python benchmarks/dit_forward.py --layers 2 --frames 5 --height 24 --width 52 --repeats 7
     .venv/bin/python benchmarks/dit_forward.py --family flux --double 2 --single 2 --height 64 --width 64 \\
         --text-len 512 --repeats 5
+    .venv/bin/python benchmarks/dit_forward.py --family qwen-image --layers 2 --text-len 256 --repeats 5
+    .venv/bin/python benchmarks/dit_forward.py --family z-image --layers 2 --text-len 256 --repeats 5
 """
 
 from __future__ import annotations
@@ -54,8 +60,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.cpu_linear import PackedLinear  # noqa: E402
 from models.flux.config import FluxDiTConfig  # noqa: E402
+from models.qwen_image.config import QwenImageDiTConfig  # noqa: E402
 from models.random_init import randomize_parameters  # noqa: E402
 from models.wan.config import WanDiTConfig  # noqa: E402
+from models.z_image.config import ZImageDiTConfig  # noqa: E402
 
 logger = logging.getLogger("dit_forward")
 
@@ -101,6 +109,32 @@ def flux_forward_flops(cfg: FluxDiTConfig, batch: int, tokens: int, text_len: in
     return float(batch * (embed + vec + cfg.num_double_blocks * double + cfg.num_single_blocks * single + final))
 
 
+def qwen_image_forward_flops(cfg: QwenImageDiTConfig, batch: int, tokens: int, text_len: int) -> float:
+    """Qwen-Image: matmul + attention FLOPs of one forward; both streams of every block have their own weights."""
+    d, n, s = cfg.dim, tokens, tokens + text_len
+    embed = 2 * n * cfg.in_channels * d + 2 * text_len * cfg.joint_attention_dim * d + 2 * (TIME_CHANNELS * d + d * d)
+    block = 2 * 2 * d * 6 * d + 2 * s * d * 3 * d + 4 * s * s * d + 2 * s * d * d + 2 * s * d * 4 * d * 2
+    final = 2 * d * 2 * d + 2 * n * d * cfg.in_channels
+    return float(batch * (embed + cfg.num_layers * block + final))
+
+
+def z_image_forward_flops(cfg: ZImageDiTConfig, batch: int, tokens: int, text_len: int) -> float:
+    """Z-Image: matmul + attention FLOPs of one forward. Image and caption are each padded to a multiple of 32
+    (the pad rows are computed and attended like real ones); the refiners see one stream, the main blocks both."""
+    d, h = cfg.dim, cfg.ffn_hidden
+    adaln = min(d, TIME_CHANNELS)  # the time embedding's width (256 at the release's width)
+    n, c = -(-tokens // 32) * 32, -(-text_len // 32) * 32
+    patch = cfg.in_channels * cfg.patch_size ** 2 * cfg.f_patch_size
+
+    def block(rows: int, modulated: bool) -> int:
+        return (2 * rows * d * 3 * d + 4 * rows * rows * d + 2 * rows * d * d + 2 * rows * d * h * 3
+                + (2 * adaln * 4 * d if modulated else 0))
+
+    embed = 2 * n * patch * d + 2 * c * cfg.cap_feat_dim * d + 2 * (TIME_CHANNELS * 1024 + 1024 * adaln)
+    refiners = cfg.n_refiner_layers * (block(n, True) + block(c, False))
+    final = 2 * adaln * d + 2 * n * d * patch
+    return float(batch * (embed + refiners + cfg.n_layers * block(n + c, True) + final))
+
 
 def wan_gemms(cfg: WanDiTConfig, batch: int, tokens: int) -> list[Gemm]:
     """Wan's largest GEMMs: FFN up and down, the attention projections, the 512-row text MLP."""
@@ -114,6 +148,18 @@ def flux_gemms(cfg: FluxDiTConfig, batch: int, tokens: int, text_len: int) -> li
     d, m, s = cfg.hidden_size, cfg.mlp_hidden, batch * (tokens + text_len)
     n = batch * tokens
     return [(s, d, 3 * d + m), (s, d + m, d), (n, d, m), (n, m, d), (n, d, 3 * d)]
+
+
+def qwen_image_gemms(cfg: QwenImageDiTConfig, batch: int, tokens: int, text_len: int) -> list[Gemm]:
+    """Qwen-Image's largest GEMMs: the image MLP's up and down, the image q/k/v, the text MLP's up."""
+    d, n = cfg.dim, batch * tokens
+    return [(n, d, 4 * d), (n, 4 * d, d), (n, d, d), (batch * text_len, d, 4 * d)]
+
+
+def z_image_gemms(cfg: ZImageDiTConfig, batch: int, tokens: int, text_len: int) -> list[Gemm]:
+    """Z-Image's largest GEMMs, over the joint [image, caption] rows: SwiGLU up (w1, w3) and down, q/k/v."""
+    d, s = cfg.dim, batch * (-(-tokens // 32) * 32 + -(-text_len // 32) * 32)
+    return [(s, d, cfg.ffn_hidden), (s, cfg.ffn_hidden, d), (s, d, d)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +294,103 @@ def flux_subject(args: argparse.Namespace, dtype: torch.dtype) -> Subject:
                    gemms=flux_gemms(cfg, b, tokens, args.text_len))
 
 
+def qwen_image_subject(args: argparse.Namespace, dtype: torch.dtype) -> Subject:
+    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+
+    from models.qwen_image.transformer import QwenImageTransformer
+
+    cfg = qwen_image_config(args)
+    ours = randomize_parameters(QwenImageTransformer(cfg), seed=0)
+    ref = QwenImageTransformer2DModel.from_config(cfg.to_diffusers_json())
+    ref.load_state_dict(ours.state_dict(), strict=True)  # the release's key names are diffusers'
+    ref = cast_like_from_pretrained(ref, dtype)
+    ours = cast_ours(ours, dtype)
+
+    gen = torch.Generator().manual_seed(1)
+    b, h, w = args.batch, args.height, args.width
+    latents = torch.randn(b, cfg.out_channels, h, w, generator=gen).to(dtype)
+    context = torch.randn(b, args.text_len, cfg.joint_attention_dim, generator=gen).to(dtype)
+    sigma = torch.full((b,), 0.75)  # exact in bf16 too
+    packed = QwenImagePipeline._pack_latents(latents, b, cfg.out_channels, h, w)  # as the pipeline hands it over
+    img_shapes = [[(1, h // 2, w // 2)]] * b
+
+    def run_ref() -> torch.Tensor:
+        return ref(hidden_states=packed, encoder_hidden_states=context, encoder_hidden_states_mask=None,
+                   timestep=sigma.to(dtype), img_shapes=img_shapes, return_dict=False)[0]
+
+    def ref_output(out: torch.Tensor) -> torch.Tensor:
+        return QwenImagePipeline._unpack_latents(out, h * 8, w * 8, 8).squeeze(2)
+
+    tokens = (h // 2) * (w // 2)
+    return Subject(run_ours=lambda: ours(latents, sigma, context), run_ref=run_ref, ref_output=ref_output, ours=ours,
+                   tokens=tokens, flops=qwen_image_forward_flops(cfg, b, tokens, args.text_len),
+                   gemms=qwen_image_gemms(cfg, b, tokens, args.text_len))
+
+
+def z_image_subject(args: argparse.Namespace, dtype: torch.dtype) -> Subject:
+    from diffusers import ZImageTransformer2DModel
+
+    from models.z_image.transformer import ZImageTransformer
+
+    cfg = z_image_config(args)
+    ours = randomize_parameters(ZImageTransformer(cfg), seed=0)
+    ref = ZImageTransformer2DModel.from_config(cfg.to_diffusers_json())
+    ref.load_state_dict(ours.state_dict(), strict=True)  # the release's key names are diffusers'
+    ref = cast_like_from_pretrained(ref, dtype)
+    ours = cast_ours(ours, dtype)
+
+    gen = torch.Generator().manual_seed(1)
+    b, h, w = args.batch, args.height, args.width
+    latents = torch.randn(b, cfg.in_channels, h, w, generator=gen).to(dtype)
+    captions = torch.randn(b, args.text_len, cfg.cap_feat_dim, generator=gen).to(dtype)
+    t_model = torch.full((b,), 0.25)  # 1 - sigma, exact in bf16 too
+
+    def run_ref() -> torch.Tensor:
+        return torch.stack(ref([x[:, None] for x in latents], t_model.to(dtype), list(captions),
+                               return_dict=False)[0])
+
+    tokens = (h // cfg.patch_size) * (w // cfg.patch_size)
+    return Subject(run_ours=lambda: ours(latents, t_model, captions), run_ref=run_ref,
+                   ref_output=lambda out: out.squeeze(2), ours=ours, tokens=tokens,
+                   flops=z_image_forward_flops(cfg, b, tokens, args.text_len),
+                   gemms=z_image_gemms(cfg, b, tokens, args.text_len))
+
+
+def cast_ours(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Our model in `dtype` under its own precision policy (`cast_weights` keeps its fp32 parameters), frozen."""
+    cast = getattr(model, "cast_weights", None)
+    model = cast(dtype) if cast is not None else model.to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+def packed_weight_bytes(model: torch.nn.Module) -> int:
+    """The memory of the model's prepacked GEMM weights (0 for a model without them)."""
+    report = getattr(model, "packed_weight_bytes", None)
+    return report() if report is not None else 0
+
+
+def qwen_image_config(args: argparse.Namespace) -> QwenImageDiTConfig:
+    heads = args.heads or 24
+    head_dim = (args.dim or 3072) // heads
+    side = head_dim // 6 * 2
+    rope = (16, 56, 56) if head_dim == 128 else (head_dim - 2 * side, side, side)
+    return QwenImageDiTConfig(num_layers=args.layers, num_attention_heads=heads, attention_head_dim=head_dim,
+                              joint_attention_dim=args.context_dim or 3584, axes_dims_rope=rope)
+
+
+def z_image_config(args: argparse.Namespace) -> ZImageDiTConfig:
+    heads = args.heads or 30
+    head_dim = (args.dim or 3840) // heads
+    side = head_dim // 8 * 3
+    axes = (32, 48, 48) if head_dim == 128 else (head_dim - 2 * side, side, side)
+    return ZImageDiTConfig(dim=heads * head_dim, n_heads=heads, n_kv_heads=heads, n_layers=args.layers,
+                           cap_feat_dim=args.context_dim or 2560, axes_dims=axes)
+
+
+SUBJECTS: dict[str, Callable[[argparse.Namespace, torch.dtype], Subject]] = {
+    "wan": wan_subject, "flux": flux_subject, "qwen-image": qwen_image_subject, "z-image": z_image_subject}
+
+
 def wan_config(args: argparse.Namespace) -> WanDiTConfig:
     return WanDiTConfig(dim=args.dim or 1536, ffn_dim=args.ffn_dim or 8960, num_heads=args.heads or 12,
                         num_layers=args.layers)
@@ -287,7 +430,7 @@ def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
 def run_dtype(args: argparse.Namespace, dtype: torch.dtype,
               fp32_reference: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
     """Time both models in `dtype`; `fp32_reference` (our fp32 output, same weights) measures low-precision error."""
-    subject = (flux_subject if args.family == "flux" else wan_subject)(args, dtype)
+    subject = SUBJECTS[args.family](args, dtype)
     peak = GemmPeak(dtype, subject.gemms)
     times: dict[str, list[float]] = {"ours": [], "diffusers": []}
     peaks: list[float] = []  # sampled between repeats: the machine's speed drifts when it is shared
@@ -328,7 +471,7 @@ def run_dtype(args: argparse.Namespace, dtype: torch.dtype,
         "out_absmax": scale,
         "first_forward_s": first,  # warm-up: includes our one-off weight packing
         "ours_param_bytes": sum(p.numel() * p.element_size() for p in subject.ours.parameters()),
-        "ours_packed_weight_bytes": subject.ours.packed_weight_bytes(),
+        "ours_packed_weight_bytes": packed_weight_bytes(subject.ours),
     }
     if fp32_reference is not None and dtype != torch.float32:
         result["max_abs_err_vs_fp32"] = {name: (out - fp32_reference).abs().max().item()
@@ -379,6 +522,19 @@ def config_record(args: argparse.Namespace) -> dict:
         return {"dim": cfg.dim, "ffn_dim": cfg.ffn_dim, "num_heads": cfg.num_heads, "layers": cfg.num_layers,
                 "text_len": cfg.text_len, "text_dim": cfg.text_dim, "batch": batch,
                 "latent": [cfg.in_dim, args.frames, args.height, args.width], "blocks": f"{cfg.num_layers} blocks"}
+    if args.family == "qwen-image":
+        cfg = qwen_image_config(args)
+        return {"dim": cfg.dim, "num_heads": cfg.num_attention_heads, "layers": cfg.num_layers,
+                "text_len": args.text_len, "context_dim": cfg.joint_attention_dim, "batch": batch,
+                "latent": [cfg.out_channels, args.height, args.width], "pixels": [8 * args.height, 8 * args.width],
+                "blocks": f"{cfg.num_layers} dual-stream blocks"}
+    if args.family == "z-image":
+        cfg = z_image_config(args)
+        return {"dim": cfg.dim, "num_heads": cfg.n_heads, "ffn_hidden": cfg.ffn_hidden, "layers": cfg.n_layers,
+                "refiner_layers": cfg.n_refiner_layers, "text_len": args.text_len, "context_dim": cfg.cap_feat_dim,
+                "batch": batch, "latent": [cfg.in_channels, args.height, args.width],
+                "pixels": [8 * args.height, 8 * args.width],
+                "blocks": f"{cfg.n_refiner_layers}+{cfg.n_refiner_layers} refiner + {cfg.n_layers} main blocks"}
     cfg = flux_config(args)
     return {"hidden_size": cfg.hidden_size, "num_heads": cfg.num_heads, "head_dim": cfg.head_dim,
             "mlp_hidden": cfg.mlp_hidden, "double_blocks": cfg.num_double_blocks,
@@ -390,20 +546,24 @@ def config_record(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=("wan", "flux"), default="wan")
-    parser.add_argument("--layers", type=int, default=2, help="wan: blocks")
+    parser.add_argument("--family", choices=tuple(SUBJECTS), default="wan")
+    parser.add_argument("--layers", type=int, default=2, help="wan, qwen-image, z-image: (main) blocks")
     parser.add_argument("--double", type=int, default=2, help="flux: double-stream blocks")
     parser.add_argument("--single", type=int, default=2, help="flux: single-stream blocks")
     parser.add_argument("--frames", type=int, default=5, help="wan: latent frames F")
     parser.add_argument("--height", type=int, default=None,
-                        help="latent height (tokens: height/2 rows); default wan 24, flux 64 (512 px)")
+                        help="latent height (tokens: height/2 rows); default wan 24, the image families 64 "
+                             "(512 px)")
     parser.add_argument("--width", type=int, default=None,
-                        help="latent width (tokens: width/2 columns); default wan 52, flux 64 (512 px)")
-    parser.add_argument("--text-len", type=int, default=512, help="flux: T5 tokens (wan always uses 512)")
-    parser.add_argument("--dim", type=int, default=None, help="model width; default the release's (1536 / 3072)")
-    parser.add_argument("--heads", type=int, default=None, help="attention heads; default the release's (12 / 24)")
+                        help="latent width (tokens: width/2 columns); default wan 52, the image families 64 "
+                             "(512 px)")
+    parser.add_argument("--text-len", type=int, default=512,
+                        help="image families: text tokens (FLUX.1's T5 512; wan always uses 512)")
+    parser.add_argument("--dim", type=int, default=None, help="model width; default the release's")
+    parser.add_argument("--heads", type=int, default=None, help="attention heads; default the release's")
     parser.add_argument("--ffn-dim", type=int, default=None, help="FFN / MLP width; default the release's")
-    parser.add_argument("--context-dim", type=int, default=None, help="flux: T5 width; default 4096")
+    parser.add_argument("--context-dim", type=int, default=None,
+                        help="image families: text width; default the release's (4096 / 3584 / 2560)")
     parser.add_argument("--pooled-dim", type=int, default=None, help="flux: CLIP pooled width; default 768")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
@@ -411,10 +571,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path; default results/dit_forward.json (wan), results/dit_forward_flux.json")
+                        help="JSON path; default results/dit_forward.json (wan), results/dit_forward_<family>.json")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG next to the JSON")
     args = parser.parse_args(argv)
-    defaults = {"wan": (24, 52, "dit_forward.json"), "flux": (64, 64, "dit_forward_flux.json")}[args.family]
+    defaults = (24, 52, "dit_forward.json") if args.family == "wan" else (
+        64, 64, f"dit_forward_{args.family.replace('-', '_')}.json")
     args.height = args.height if args.height is not None else defaults[0]
     args.width = args.width if args.width is not None else defaults[1]
     args.out = args.out if args.out is not None else RESULTS / defaults[2]
@@ -422,7 +583,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--repeats and --warmup must be >= 1")
     if args.height % 2 or args.width % 2 or args.height < 2 or args.width < 2:
         parser.error(f"--height/--width must be even and >= 2 (2x2 patches), got {args.height}x{args.width}")
-    if args.family == "flux" and (args.text_len < 1 or args.double < 0 or args.single < 0):
+    if args.family != "wan" and (args.text_len < 1 or args.double < 0 or args.single < 0):
         parser.error("--text-len must be >= 1 and --double/--single >= 0")
     return args
 

@@ -42,6 +42,29 @@ def test_flop_counts_match_torch_flop_counter() -> None:
     assert counter.get_total_flops() == bench.forward_flops(wan, 1, tokens=6)
 
 
+@torch.no_grad()
+def test_flop_counts_of_the_image_families_match_torch_flop_counter() -> None:
+    """Qwen-Image and Z-Image (with its 32-row padding of image and caption) as torch counts them."""
+    from models.qwen_image.config import QwenImageDiTConfig
+    from models.qwen_image.transformer import QwenImageTransformer
+    from models.z_image.config import ZImageDiTConfig
+    from models.z_image.transformer import ZImageTransformer
+
+    qwen = QwenImageDiTConfig(num_layers=2, num_attention_heads=2, attention_head_dim=16, joint_attention_dim=24,
+                              axes_dims_rope=(4, 6, 6))
+    model = randomize_parameters(QwenImageTransformer(qwen, attn_fn=matmul_attention))
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 16, 6, 4), torch.tensor([0.5]), torch.randn(1, 5, 24))
+    assert counter.get_total_flops() == bench.qwen_image_forward_flops(qwen, 1, tokens=6, text_len=5)
+
+    z = ZImageDiTConfig(dim=32, n_heads=2, n_kv_heads=2, n_layers=2, n_refiner_layers=1, cap_feat_dim=24,
+                        axes_dims=(4, 6, 6), axes_lens=(256, 32, 32))
+    model = randomize_parameters(ZImageTransformer(z, attn_fn=matmul_attention))
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 16, 6, 4), torch.tensor([0.5]), torch.randn(1, 5, 24))
+    assert counter.get_total_flops() == bench.z_image_forward_flops(z, 1, tokens=6, text_len=5)
+
+
 def test_peak_is_the_best_of_plain_and_packed_gemms_at_the_given_shapes() -> None:
     peak = bench.GemmPeak(torch.float32, [(64, 96, 128)])
     best = max(peak.sample() for _ in range(2))
@@ -55,9 +78,13 @@ def test_peak_is_the_best_of_plain_and_packed_gemms_at_the_given_shapes() -> Non
              "--ffn-dim", "256"]),
     ("flux", ["--double", "1", "--single", "1", "--height", "8", "--width", "8", "--text-len", "16", "--dim", "128",
               "--heads", "2", "--context-dim", "64", "--pooled-dim", "32"]),
+    ("qwen-image", ["--layers", "1", "--height", "8", "--width", "8", "--text-len", "16", "--dim", "128",
+                    "--heads", "2", "--context-dim", "64"]),
+    ("z-image", ["--layers", "1", "--height", "8", "--width", "8", "--text-len", "16", "--dim", "128",
+                 "--heads", "2", "--context-dim", "64"]),
 ])
 def test_tiny_run_writes_json_and_plot(tmp_path, family: str, sizes: list[str]) -> None:
-    """Both families, fp32 and bf16, one repeat: ~5 s each (the 2048x2048x4096 peak GEMM dominates)."""
+    """Every family, fp32 and bf16, one repeat: ~5 s each (the 2048x2048x4096 peak GEMM dominates)."""
     out = tmp_path / f"{family}.json"
     report = bench.main(["--family", family, *sizes, "--repeats", "1", "--out", str(out)])
     saved = json.loads(out.read_text())
