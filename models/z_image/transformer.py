@@ -25,7 +25,13 @@ has no mask here (one caption length per batch), so the result is the same up to
 the softmax over keys (measured in tests/models/z_image/test_transformer.py).
 
 Precision: the token streams, time vector, norms, RoPE, modulations and final layer outputs are fp32; the
-matmuls run in the weight dtype. `keep_fp32` names the parameters kept fp32 under bf16 weights.
+matmuls run in the weight dtype. `keep_fp32` names the parameters kept fp32 under bf16 weights (`cast_weights`).
+
+Speed (benchmarks/dit_forward.py --family z-image), with the math unchanged: every Linear is a `PackedLinear`
+(models/cpu_linear.py, shared with Wan and FLUX.1), which on CPU multiplies by a weight prepacked once for
+oneDNN (bf16) or MKL (fp32) instead of re-blocking the plain weight on every call; state-dict names are those of
+`nn.Linear`. The packed copies cost a second copy of the weights (`packed_weight_bytes`;
+`set_weight_prepacking(False)` trades the speed for the memory).
 
 Block protocol (models/denoiser.py): `begin` embeds and runs the context refiner (caption tokens only,
 unmodulated: a function of the prompt alone, so it is part of the cheap, replicated prologue; under context
@@ -55,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.attention import AttentionFn, AttentionMeta, sdpa_attention
+from models.cpu_linear import PackedLinear, PackedWeights
 from models.conditioning import Conditioning
 from models.denoiser import CacheSignal, RopeTables, TokenState
 from models.dit_ops import RMSNorm, apply_complex_rope, linear
@@ -142,10 +149,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = n_heads
         head_dim = dim // n_heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(dim, dim, bias=False)
-        self.to_v = nn.Linear(dim, dim, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=False)])
+        self.to_q = PackedLinear(dim, dim, bias=False)
+        self.to_k = PackedLinear(dim, dim, bias=False)
+        self.to_v = PackedLinear(dim, dim, bias=False)
+        self.to_out = nn.ModuleList([PackedLinear(dim, dim, bias=False)])
         self.norm_q = RMSNorm(head_dim, QK_NORM_EPS)
         self.norm_k = RMSNorm(head_dim, QK_NORM_EPS)
 
@@ -162,9 +169,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w1 = PackedLinear(dim, hidden, bias=False)
+        self.w2 = PackedLinear(hidden, dim, bias=False)
+        self.w3 = PackedLinear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(self.w2, F.silu(linear(self.w1, x)) * linear(self.w3, x))
@@ -195,7 +202,7 @@ class ZImageBlock(nn.Module):
         self.ffn_norm2 = RMSNorm(d, eps)
         self.modulation = kind != "context"
         if self.modulation:
-            self.adaLN_modulation = nn.Sequential(nn.Linear(config.adaln_dim, 4 * d))
+            self.adaLN_modulation = nn.Sequential(PackedLinear(config.adaln_dim, 4 * d))
 
     def modulations(self, adaln: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(1 + scale_msa, tanh gate_msa, 1 + scale_mlp, tanh gate_mlp), each (B, 1, d) fp32."""
@@ -223,7 +230,7 @@ class ZImageBlock(nn.Module):
 class TimestepEmbedder(nn.Module):
     def __init__(self, out_dim: int) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(TIME_CHANNELS, TIME_MID), nn.SiLU(), nn.Linear(TIME_MID, out_dim))
+        self.mlp = nn.Sequential(PackedLinear(TIME_CHANNELS, TIME_MID), nn.SiLU(), PackedLinear(TIME_MID, out_dim))
 
     def forward(self, t_scaled: torch.Tensor) -> torch.Tensor:
         return linear(self.mlp[2], F.silu(linear(self.mlp[0], timestep_sinusoid(t_scaled))))
@@ -235,8 +242,8 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int, out_features: int, adaln_dim: int) -> None:
         super().__init__()
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=FINAL_NORM_EPS)
-        self.linear = nn.Linear(dim, out_features)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_dim, dim))
+        self.linear = PackedLinear(dim, out_features)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), PackedLinear(adaln_dim, dim))
 
     def forward(self, x: torch.Tensor, adaln: torch.Tensor) -> torch.Tensor:
         scale = 1.0 + linear(self.adaLN_modulation[1], F.silu(adaln))
@@ -298,7 +305,7 @@ _FP32_PARAMS = re.compile(r"^(t_embedder\.|cap_embedder\.0\.|x_pad_token$|cap_pa
                           r"|norm[^.]*\.weight$")
 
 
-class ZImageTransformer(nn.Module):
+class ZImageTransformer(PackedWeights, nn.Module):
     """Z-Image(-Turbo) DiT. config: network shape; attn_fn: the attention function behind the seam,
     (B, L, H, D) layout. Use `from_pretrained` for checkpoints."""
 
@@ -308,7 +315,7 @@ class ZImageTransformer(nn.Module):
         super().__init__()
         self.config = config
         d, key = config.dim, config.embedder_key
-        self.all_x_embedder = nn.ModuleDict({key: nn.Linear(config.patch_features, d)})
+        self.all_x_embedder = nn.ModuleDict({key: PackedLinear(config.patch_features, d)})
         self.all_final_layer = nn.ModuleDict({key: FinalLayer(d, config.patch_features, config.adaln_dim)})
         r = config.n_refiner_layers
         self.noise_refiner = nn.ModuleList(ZImageBlock(config, "noise", i, attn_fn) for i in range(r))
@@ -316,7 +323,7 @@ class ZImageTransformer(nn.Module):
         self.context_refiner = nn.ModuleList(ZImageBlock(config, "context", -1, attn_fn) for _ in range(r))
         self.t_embedder = TimestepEmbedder(config.adaln_dim)
         self.cap_embedder = nn.Sequential(RMSNorm(config.cap_feat_dim, config.norm_eps),
-                                          nn.Linear(config.cap_feat_dim, d))
+                                          PackedLinear(config.cap_feat_dim, d))
         self.x_pad_token = nn.Parameter(torch.zeros(1, d))
         self.cap_pad_token = nn.Parameter(torch.zeros(1, d))
         self.layers = nn.ModuleList(ZImageBlock(config, "main", r + i, attn_fn) for i in range(config.n_layers))
@@ -327,6 +334,14 @@ class ZImageTransformer(nn.Module):
         """True for parameters kept fp32 under bf16 weights (time MLP, caption norm, every norm, pad tokens,
         final layer)."""
         return _FP32_PARAMS.search(name) is not None
+
+    def cast_weights(self, dtype: torch.dtype) -> "ZImageTransformer":
+        """Cast the matmul weights to `dtype`, keeping the `keep_fp32` parameters in fp32 (unlike `.to`)."""
+        self.release_packed_weights()
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.data = p.data.to(torch.float32 if self.keep_fp32(name) else dtype)
+        return self
 
     def set_attention(self, attn_fn: AttentionFn) -> None:
         """The seam of the protocol's blocks (the context refiner keeps its local attention, see `begin`)."""
