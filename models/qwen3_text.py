@@ -107,8 +107,9 @@ class Qwen3PromptEncoder:
         self.keep_padding = bool(keep_padding)
 
     @classmethod
-    def from_pretrained(cls, root: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                        encoder_dir: str = "text_encoder", tokenizer_dir: str = "tokenizer", max_length: int = 512,
+    def from_pretrained(cls, root: str | Path, *, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu", encoder_dir: str = "text_encoder",
+                        tokenizer_dir: str = "tokenizer", max_length: int = 512,
                         hidden_layers: Sequence[int] = (-2,), enable_thinking: bool = True,
                         keep_padding: bool = False) -> "Qwen3PromptEncoder":
         """Load `root/encoder_dir` (config.json + model.safetensors or shards) and `root/tokenizer_dir`."""

@@ -147,9 +147,10 @@ class ZImageDiTConfig:
 Z_IMAGE_SAMPLERS: tuple[str, ...] = ("flowmatch-euler",)
 
 Z_IMAGE_TURBO_DEFAULTS = SamplingDefaults(height=1024, width=1024, num_frames=1, num_inference_steps=8,
-                                          guidance_scale=0.0, shift=3.0, sampler="flowmatch-euler", fps=1)
-"""Z-Image-Turbo's release recommendations: 8 steps (8 DiT forwards), no classifier-free guidance (scale 0),
-the static shift 3, 1024 x 1024."""
+                                          guidance_scale=None, shift=3.0, sampler="flowmatch-euler", fps=1)
+"""Z-Image-Turbo's release recommendations: 8 steps (8 DiT forwards), the static shift 3, 1024 x 1024, and no
+classifier-free guidance: the release calls the pipeline with scale 0, under which the diffusers pipeline runs
+one forward per step, so Turbo takes no scale at all (guidance "none")."""
 
 Z_IMAGE_LATENT = LatentGeometry(channels=16, temporal_stride=0, spatial_stride=8, patch=(1, 2, 2))
 """The Z-Image VAE (the FLUX.1 autoencoder architecture): 16 channels at 1/8 of the pixels; 2x2 per token."""
@@ -181,6 +182,14 @@ PRESETS: dict[str, ZImagePreset] = {
                      max_sequence_length=32),
     )
 }
+
+
+def match_preset(dit: ZImageDiTConfig) -> ZImagePreset:
+    """The preset whose network equals `dit`, or a custom one with Turbo's defaults and text length."""
+    for preset in PRESETS.values():
+        if preset.dit == dit:
+            return preset
+    return ZImagePreset("custom", dit)
 
 
 def get_preset(name: str) -> ZImagePreset:

@@ -1,0 +1,168 @@
+"""Z-Image(-Turbo) end to end: our Pipeline vs diffusers' ZImagePipeline on the same tiny random release folder.
+
+diffusers loads the folder `models.z_image.tiny` writes in its own way (so the writer and the release layout are
+checked too): Qwen3ForCausalLM + Qwen2Tokenizer from the folder, the chat template with thinking on, the
+second-to-last hidden state of the valid tokens, FlowMatchEulerDiscreteScheduler from scheduler/ (static shift 3,
+sigmas linspace(1, 1/N, N) + [0], N forwards), the reversed time and negated output, guidance_scale 0 (one forward
+per step, as Turbo is called), and AutoencoderKL's decode of latents / scaling_factor + shift_factor. Both start
+from the same seeded latents.
+
+Tolerances (measured on this folder, 8 steps at 64 x 64): latents within 2e-5 (measured about 1e-6 with |latents|
+up to 4.5: the joint attention sums its keys in another order than the reference's [image, caption] sequence,
+tests/models/z_image/test_transformer.py, and the schedule differs in the last float32 bit, below); float pixels
+within 1e-4; the written uint8 image within one 8-bit level. Sigma schedule: within 1.2e-7 (one float32 ulp at 1),
+measured 6e-8 at 8 steps: stages/samplers.py evaluates the static shift in the exponential form s / (s + 1/sigma - 1)
+where diffusers' static path computes s sigma / (1 + (s - 1) sigma).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.errors import CheckpointError
+from models.registry import describe
+from models.z_image.config import get_preset
+from models.z_image.family import description
+from models.z_image.tiny import write_random_checkpoint
+from stages.cli import main
+from stages.denoise import initial_noise
+from stages.media import read_video
+from stages.params import GenerationParams
+from stages.pipeline import Pipeline
+
+LATENT_ATOL = 2e-5
+PIXEL_ATOL = 1e-4
+SIGMA_ATOL = 1.2e-7
+PROMPT = "a red circle on the moon"
+SIZE = 64
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_random_checkpoint(tmp_path_factory.mktemp("z-image"), seed=4)
+
+
+@pytest.fixture(scope="module")
+def ours(release: Path) -> Pipeline:
+    return Pipeline.from_pretrained(release)
+
+
+@pytest.fixture(scope="module")
+def reference(release: Path):  # noqa: ANN201 - diffusers type
+    diffusers = pytest.importorskip("diffusers")
+    return diffusers.ZImagePipeline.from_pretrained(str(release), dtype=torch.float32)
+
+
+@pytest.mark.slow
+def test_pipeline_matches_diffusers_zimagepipeline(ours: Pipeline, reference) -> None:  # type: ignore[no-untyped-def]
+    resolved = ours.resolve({"prompt": PROMPT, "seed": 3, "num_inference_steps": STEPS})
+    assert (resolved.height, resolved.width, resolved.num_frames) == (SIZE, SIZE, 1)
+    assert resolved.sampler == "flowmatch-euler" and resolved.guidance == "none" and not resolved.guided
+    result = ours.generate(resolved)
+    noise = initial_noise(resolved, ours.model.latent)
+    assert noise.shape == (16, SIZE // 8, SIZE // 8)
+
+    common = dict(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=0.0,
+                  max_sequence_length=ours.model.text_len)
+    ref_latents = reference(**common, latents=noise[None].clone(), output_type="latent").images[0]
+    err = (ref_latents - result.latents).abs().max().item()
+    assert (ref_latents - noise).abs().max() > 0.5  # the steps move the latents far more than the tolerance
+    assert err < LATENT_ATOL, f"latents differ by {err:.2e} (|latents| max {ref_latents.abs().max():.2f})"
+
+    ref_image = reference(**common, latents=noise[None].clone(), output_type="np").images[0]  # (H, W, 3) in [0, 1]
+    ours_image = (ours.decode_stage.vae.decode(result.latents[None])[0].permute(1, 2, 0) / 2 + 0.5).clamp(0, 1)
+    pixel_err = np.abs(ref_image - ours_image.numpy()).max()
+    assert pixel_err < PIXEL_ATOL, f"pixels differ by {pixel_err:.2e}"
+    assert result.frames.shape == (1, SIZE, SIZE, 3) and result.frames.dtype == np.uint8
+    assert np.abs(result.frames[0].astype(np.int16) - np.round(ref_image * 255)).max() <= 1
+
+
+@pytest.mark.parametrize("steps", [1, 2, STEPS, 9])
+def test_sigma_schedule_matches_the_reference(ours: Pipeline, reference,  # type: ignore[no-untyped-def]
+                                              steps: int) -> None:
+    """N forwards on shift(linspace(1, 1/N, N)) + [0]; the model's time is (1000 - t) / 1000 of the same t."""
+    from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
+
+    scheduler = reference.scheduler
+    scheduler.set_timesteps(sigmas=get_default_z_image_sigmas(steps), device="cpu", mu=1.0)  # mu: unused (static)
+    resolved = ours.resolve({"prompt": PROMPT, "num_inference_steps": steps})
+    sampler = ours.denoise_stage.start(resolved, ours.text_stage.run([(PROMPT, None)])[0]).sampler
+    assert sampler.sigmas.shape == scheduler.sigmas.shape == (steps + 1,) and sampler.sigmas[-1] == 0
+    torch.testing.assert_close(sampler.sigmas, scheduler.sigmas, atol=SIGMA_ATOL, rtol=0)
+    torch.testing.assert_close(sampler.timesteps, scheduler.timesteps, atol=1000 * SIGMA_ATOL, rtol=0)
+    if steps == STEPS:  # the release's 8 steps
+        expected = [1, 0.954545, 0.9, 0.833333, 0.75, 0.642857, 0.5, 0.3, 0]
+        torch.testing.assert_close(sampler.sigmas, torch.tensor(expected), atol=1e-6, rtol=0)
+
+
+def test_text_stage_equals_encode_prompt(ours: Pipeline, reference) -> None:  # type: ignore[no-untyped-def]
+    """Exact: the same transformers modules on the same ids and mask (see tests/models/test_qwen3_text.py)."""
+    (embeddings,) = ours.text_stage.run([(PROMPT, None)])
+    assert embeddings.negative is None
+    theirs, _ = reference.encode_prompt([PROMPT], device=torch.device("cpu"), do_classifier_free_guidance=False,
+                                        max_sequence_length=ours.model.text_len)
+    assert embeddings.positive.mask is None and torch.equal(embeddings.positive.context, theirs[0])
+
+
+def test_description_of_the_folder_and_of_turbo(release: Path) -> None:
+    model = describe(release)
+    assert (model.family, model.name, model.output, model.guidance) == ("z-image", "z-image-tiny", "image", "none")
+    assert not model.takes_guidance_scale and not model.takes_negative_prompt and not model.guided_by_default
+    assert model.text_len == 32 and model.num_blocks == 2 and model.num_heads == 1
+    assert model.teacache["default"].signal == "modulated_input" and model.teacache["default"].coefficients is None
+    assert {k: v.name for k, v in model.components.items()} == {
+        "transformer": "transformer", "text_encoder": "text_encoder", "tokenizer": "tokenizer", "vae": "vae"}
+    turbo = description(get_preset("z-image-turbo"))
+    assert (turbo.name, turbo.num_heads, turbo.num_blocks, turbo.text_len) == ("z-image-turbo", 30, 32, 512)
+    d = turbo.defaults
+    assert (d.height, d.width, d.num_inference_steps, d.guidance_scale, d.sampler) == (
+        1024, 1024, 8, None, "flowmatch-euler")
+    assert turbo.shift_for(1, 1024, 1024, 8) == 3.0 and turbo.shift_for(1, 512, 768, 30) == 3.0  # static
+    assert turbo.latent.tokens(1, 1024, 1024) == 4096
+
+
+def test_requests_follow_turbo_rules(ours: Pipeline) -> None:
+    with pytest.raises(ValueError, match="guidance_scale"):
+        GenerationParams.model_validate({"prompt": PROMPT, "guidance_scale": 3.0}).resolve(ours.model)
+    with pytest.raises(ValueError, match="num_frames"):
+        GenerationParams.model_validate({"prompt": PROMPT, "num_frames": 5}).resolve(ours.model)
+
+
+def test_broken_folders_say_what_is_wrong(release: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(release, root)
+    shutil.rmtree(root / "tokenizer")
+    with pytest.raises(CheckpointError, match="missing tokenizer/"):
+        describe(root)
+    shutil.copytree(release / "tokenizer", root / "tokenizer")
+    config = root / "text_encoder" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "hidden_size": 24}))
+    with pytest.raises(CheckpointError, match="hidden_size 24 is not the DiT's cap_feat_dim 16"):
+        describe(root)
+
+
+@pytest.mark.slow
+def test_both_text_encoder_layouts_generate_the_same_image(tmp_path: Path) -> None:
+    """A Qwen3Model-saved text encoder (no `model.` prefix, no lm_head) is the same encoder."""
+    params = {"prompt": PROMPT, "num_inference_steps": 2, "seed": 5}
+    a = Pipeline.from_pretrained(write_random_checkpoint(tmp_path / "causal", seed=9)).generate(params)
+    b = Pipeline.from_pretrained(write_random_checkpoint(tmp_path / "plain", seed=9, causal_lm=False)).generate(params)
+    assert torch.equal(a.latents, b.latents) and np.array_equal(a.frames, b.frames)
+
+
+def test_cli_writes_a_png(release: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    out = tmp_path / "image"
+    assert main(["generate", "--model", str(release), "--prompt", PROMPT, "--steps", "2", "--seed", "1",
+                 "--out", str(out), "-q"]) == 0
+    assert read_video(out.with_suffix(".png")).shape == (1, SIZE, SIZE, 3)
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["preset"] == "z-image-tiny" and record["params"]["sampler"] == "flowmatch-euler"
