@@ -35,7 +35,12 @@ from torch import nn
 from models.config_files import read_json
 from models.flux.vae import Decoder, Encoder, RowSplit, infer_config_from_original as flux1_config_from_original
 from models.flux2.vae_config import FLUX2_VAE, Flux2VAEConfig
-from models.flux2.vae_keys import diffusers_to_original, original_to_diffusers, strip_original_prefix, with_batch_counter
+from models.flux2.vae_keys import (
+    diffusers_to_original,
+    original_to_diffusers,
+    strip_original_prefix,
+    with_batch_counter,
+)
 from models.loading import (
     CheckpointError,
     StateDict,
@@ -86,7 +91,8 @@ class Flux2Decoder(Decoder):
 
 
 def patchify(z: torch.Tensor, patch: int = 2) -> torch.Tensor:
-    """(B, C, h, w) -> (B, C * p * p, h / p, w / p); channel c * p * p + p * di + dj holds pixel (p i + di, p j + dj)."""
+    """(B, C, h, w) -> (B, C * p * p, h / p, w / p); channel c * p * p + p * di + dj holds pixel
+    (p i + di, p j + dj)."""
     b, c, h, w = z.shape
     z = z.view(b, c, h // patch, patch, w // patch, patch).permute(0, 1, 3, 5, 2, 4)
     return z.reshape(b, c * patch * patch, h // patch, w // patch)
