@@ -18,7 +18,9 @@ from models.family import ModelDescription
 FAMILIES: dict[str, str] = {
     "wan": "models.wan.family",
     "flux": "models.flux.family",
+    "qwen-image": "models.qwen_image.family",
     "z-image": "models.z_image.family",
+    "flux2": "models.flux2.family",
 }
 """family name -> the module that recognises and describes its checkpoints."""
 

@@ -183,3 +183,11 @@ def get_preset(name: str) -> QwenImagePreset:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown Qwen-Image preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def match_preset(dit: QwenImageDiTConfig) -> QwenImagePreset:
+    """The preset whose network equals `dit`, or a custom one with the release's defaults."""
+    for preset in PRESETS.values():
+        if preset.dit == dit:
+            return preset
+    return QwenImagePreset("custom", dit)

@@ -33,6 +33,7 @@ rows; `TokenState.model.text_mask` is the (B, L) bool key mask or None.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -47,6 +48,7 @@ from torch import nn
 from models.attention import AttentionFn, AttentionMeta, sdpa_attention
 from models.conditioning import Conditioning
 from models.denoiser import CacheSignal, RopeTables, TokenState
+from models.family import LatentGeometry
 from models.dit_ops import RMSNorm, apply_complex_rope, linear, pack_latents, unpack_latents
 from models.config_files import diffusers_transformer_folder, read_diffusers_config
 from models.loading import load_safetensors_dir, load_strict, meta_device, save_diffusers_folder
@@ -293,8 +295,6 @@ class QwenImageTransformer(nn.Module):
     """Qwen-Image DiT. config: network shape; attn_fn: the attention function behind the seam, (B, L, H, D)
     layout. Use `from_pretrained` for checkpoints."""
 
-    latent = QWEN_IMAGE_LATENT
-
     def __init__(self, config: QwenImageDiTConfig, attn_fn: AttentionFn = sdpa_attention) -> None:
         super().__init__()
         self.config = config
@@ -306,6 +306,12 @@ class QwenImageTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList(QwenImageBlock(config, i, attn_fn) for i in range(config.num_layers))
         self.norm_out = NormOut(d)
         self.proj_out = nn.Linear(d, config.patch_features)
+
+    @property
+    def latent(self) -> LatentGeometry:
+        """The latents it denoises: the Qwen-Image VAE's geometry with this config's latent channels (16 for the
+        release, fewer in tiny test models)."""
+        return dataclasses.replace(QWEN_IMAGE_LATENT, channels=self.config.latent_channels)
 
     # ---- precision policy ----
     @classmethod

@@ -46,6 +46,8 @@ CACHE_T = 2
 
 ORIGINAL_FILENAME = "Wan2.1_VAE.pth"
 DIFFUSERS_CLASS = "AutoencoderKLWan"
+# Qwen-Image's VAE is this network with the same keys; its config.json names `input_channels` for in/out_channels.
+DIFFUSERS_CLASSES = (DIFFUSERS_CLASS, "AutoencoderKLQwenImage")
 
 # Marks an upsample3d slot after its first call, which skips time_conv ('Rep' in the reference).
 _FIRST_FRAME_DONE = object()
@@ -610,15 +612,16 @@ def infer_config_from_original(sd: StateDict, source: str = "<state dict>") -> W
 
 
 def config_from_diffusers_json(cfg: dict[str, Any], source: str = "config.json") -> WanVAEConfig:
-    """diffusers `AutoencoderKLWan` config.json -> WanVAEConfig; refuses variants the 2.1 VAE does not have."""
-    if cfg.get("_class_name") != DIFFUSERS_CLASS:
-        raise CheckpointError(f"{source} describes {cfg.get('_class_name')!r}, not {DIFFUSERS_CLASS!r}")
+    """diffusers `AutoencoderKLWan` (or `AutoencoderKLQwenImage`) config.json -> WanVAEConfig; refuses variants the
+    2.1 VAE does not have."""
+    if cfg.get("_class_name") not in DIFFUSERS_CLASSES:
+        raise CheckpointError(f"{source} describes {cfg.get('_class_name')!r}, not one of {DIFFUSERS_CLASSES}")
     unsupported = {
         "is_residual": (cfg.get("is_residual", False), False),  # True for the Wan2.2 VAE
         "patch_size": (cfg.get("patch_size"), None),
         "attn_scales": (list(cfg.get("attn_scales", [])), []),
         "decoder_base_dim": (cfg.get("decoder_base_dim"), None),
-        "in_channels": (cfg.get("in_channels", 3), 3),
+        "in_channels": (cfg.get("in_channels", cfg.get("input_channels", 3)), 3),  # Qwen-Image: input_channels
         "out_channels": (cfg.get("out_channels", 3), 3),
     }
     if cfg.get("decoder_base_dim") == cfg.get("base_dim", 96):

@@ -298,9 +298,12 @@ def test_config_json_round_trip() -> None:
 
 
 def test_latent_geometry() -> None:
-    geometry = QwenImageTransformer.latent
+    with meta_device():
+        geometry = QwenImageTransformer(PRESETS["qwen-image"].dit).latent
+        tiny = QwenImageTransformer(TINY).latent
     assert geometry.latent_shape(1, 1328, 1024) == (16, 166, 128)
     assert geometry.tokens(1, 1328, 1024) == 83 * 64
+    assert tiny.latent_shape(1, 64, 32) == (8, 8, 4)  # the config's latent channels
 
 
 # ---------------------------------------------------------------------------------------------
