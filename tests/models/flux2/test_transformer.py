@@ -3,7 +3,7 @@ map (checked against diffusers' own single-file converter), checkpoint loading i
 config round trips, parameter counts of the released presets on the meta device, bf16.
 
 All on CPU in fp32 with tiny random models; every parameter is randomised (diffusers' inits leave the q/k norm
-scales at one, which would hide a swapped norm). The token grid is non-square (3 x 5) so a row/column mix-up in
+scales at one, which would hide a swapped norm). The token grid is non-square (4 x 5) so a row/column mix-up in
 the token order or the position ids shows, and the RoPE split gives each of the 4 axes its own width.
 """
 
@@ -51,7 +51,8 @@ TINY_RELEASE = Flux2DiTConfig(hidden_size=128, num_heads=1, num_double_blocks=1,
 # in the same order). The tolerance only leaves room for other BLAS / SDPA builds; a wrong op is >= 1e-3.
 ATOL = RTOL = 1e-5
 
-GRID = (3, 5)  # (H/16, W/16) token grid
+GRID = (4, 5)  # (H/16, W/16) token grid; 2 x 20 rows: the image GEMMs take the prepacked CPU path (>= 32 rows)
+N = GRID[0] * GRID[1]
 TEXT_LEN = 7
 # t = 1000 * sigma for our model; diffusers' model gets sigma (= t / 1000) and multiplies by 1000 itself.
 # These values survive that round trip exactly in fp32 (checked below), so both models see the same t.
@@ -194,22 +195,22 @@ def test_block_protocol_is_the_forward(tiny: Flux2Transformer) -> None:
     conditioning = [Conditioning(context[0]), Conditioning(context[1])]
     state = tiny.begin(latents, T, conditioning)
     assert state.text_len == TEXT_LEN and state.model.grid == GRID
-    assert state.img.shape == (2, 15, 64) and state.txt.shape == (2, TEXT_LEN, 64)
-    assert state.rope[0].shape == (TEXT_LEN + 15, 16)
+    assert state.img.shape == (2, N, 64) and state.txt.shape == (2, TEXT_LEN, 64)
+    assert state.rope[0].shape == (TEXT_LEN + N, 16)
     blocks = tiny.blocks
     assert len(blocks) == 4 and blocks[0] is tiny.transformer_blocks[0] and blocks[-1] is tiny.single_transformer_blocks[-1]
     img, txt = state.img, state.txt
     before = img.clone(), txt.clone()
     for block in blocks:
         img, txt = tiny.run_block(block, img, txt, state)
-        assert img.shape == (2, 15, 64) and txt.shape == (2, TEXT_LEN, 64)
+        assert img.shape == (2, N, 64) and txt.shape == (2, TEXT_LEN, 64)
     # blocks return new tensors and leave their inputs alone (a feature cache may keep them)
     assert torch.equal(state.img, before[0]) and torch.equal(state.txt, before[1])
     patches = tiny.run_head(img, state)
-    assert patches.shape == (2, 15, 16) and patches.dtype == torch.float32
+    assert patches.shape == (2, N, 16) and patches.dtype == torch.float32
     assert torch.equal(tiny.to_latents(patches, state), tiny(latents, T, context))
     signal = tiny.cache_signal(state, "modulated_input")
-    assert signal.per_token and signal.values.shape == (2, 15, 64)
+    assert signal.per_token and signal.values.shape == (2, N, 64)
     with pytest.raises(ValueError, match="no cache signal 'e'; its signals are modulated_input"):
         tiny.cache_signal(state, "e")
     with pytest.raises(ValueError, match="same length; got text lengths \\[6, 7\\]"):
@@ -233,7 +234,7 @@ def test_attention_seam_sees_text_first_joint_sequences(tiny: Flux2Transformer) 
         assert torch.equal(tiny(latents, T, context), expected)
     finally:
         tiny.set_attention(auto_attention)
-    assert seen == [(layer, "joint", TEXT_LEN, (2, TEXT_LEN + 15, 2, 32)) for layer in range(4)]
+    assert seen == [(layer, "joint", TEXT_LEN, (2, TEXT_LEN + N, 2, 32)) for layer in range(4)]
 
 
 # ---------------------------------------------------------------------------------------------
