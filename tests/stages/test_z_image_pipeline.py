@@ -187,3 +187,19 @@ def test_cli_writes_a_png(release: Path, tmp_path: Path, monkeypatch: pytest.Mon
     assert read_video(out.with_suffix(".png")).shape == (1, SIZE, SIZE, 3)
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["preset"] == "z-image-tiny" and record["params"]["sampler"] == "flowmatch-euler"
+
+
+@pytest.mark.slow
+def test_cli_two_local_ranks_ring_give_the_single_rank_image(release: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """--world-size 2 --ring-degree 2: the padded image stream over two gloo ranks (caption replicated) and the
+    strip-parallel FLUX.1-architecture VAE decode; fp32 sums in another order can flip a rounding."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = ["generate", "--model", str(release), "--prompt", PROMPT, "--height", "48", "--width", "80", "--steps",
+            "2", "--seed", "6", "-q"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--out", str(tmp_path / "two"), "--world-size", "2", "--ring-degree", "2"]) == 0
+    one, two = (read_video(tmp_path / f"{n}.png").astype(np.int16) for n in ("one", "two"))
+    assert one.shape == two.shape == (1, 48, 80, 3)
+    assert np.abs(one - two).max() <= 1 and (one == two).mean() > 0.99
+    assert json.loads((tmp_path / "two.json").read_text())["parallel_layout"] == "ring2"
