@@ -203,3 +203,46 @@ def test_cli_two_local_ranks_ring_give_the_single_rank_image(release: Path, tmp_
     assert one.shape == two.shape == (1, 48, 80, 3)
     assert np.abs(one - two).max() <= 1 and (one == two).mean() > 0.99
     assert json.loads((tmp_path / "two.json").read_text())["parallel_layout"] == "ring2"
+
+
+IDENTITY = [1.0, 0.0]  # TeaCache polynomial P(x) = x: no polynomial is published for Z-Image
+# kind -> (off setting, reusing setting, the counter that must show reuse), on 8 steps of the tiny model
+CACHE_KINDS = {
+    "dbcache": ({"kind": "dbcache", "threshold": 0.0, "first_blocks": 1, "last_blocks": 0, "warmup_steps": 1},
+                {"kind": "dbcache", "threshold": 1.0, "first_blocks": 1, "last_blocks": 0, "warmup_steps": 1},
+                "forwards_reused"),
+    "teacache": ({"kind": "teacache", "threshold": 0.0, "coefficients": IDENTITY},
+                 {"kind": "teacache", "threshold": 5.0, "coefficients": IDENTITY}, "forwards_reused"),
+    "magcache": ({"kind": "magcache", "threshold": 0.0, "ratios": [[1.0] * STEPS]},
+                 {"kind": "magcache", "threshold": 1.0, "retention_ratio": 0.25, "ratios": [[0.95] * STEPS]},
+                 "forwards_reused"),
+    "meancache": ({"kind": "meancache", "fresh_steps": STEPS}, {"kind": "meancache", "fresh_steps": 4},
+                  "forwards_reused"),
+    "blockdance": ({"kind": "blockdance", "boundary_block": 0, "group_size": 1},
+                   {"kind": "blockdance", "boundary_block": 0, "warmup": 0, "cooldown": 0}, "forwards_reused"),
+    "pab": ({"kind": "pab", "self_range": 1, "cross_range": 1}, {"kind": "pab", "warmup": 2, "cooldown": 1},
+            "attention_reused"),
+    "taylorseer": ({"kind": "taylorseer", "interval": 1}, {"kind": "taylorseer", "interval": 3, "warmup_steps": 2},
+                   "forwards_reused"),
+}
+
+
+@pytest.fixture(scope="module")
+def uncached(ours: Pipeline):  # noqa: ANN201
+    params = {"prompt": PROMPT, "seed": 2, "num_inference_steps": STEPS}
+    return params, ours.generate(params)
+
+
+@pytest.mark.parametrize("kind", list(CACHE_KINDS))
+def test_every_cache_kind_off_is_full_compute_and_on_reuses(ours: Pipeline, uncached, kind: str) -> None:  # noqa: ANN001
+    """The block protocol as the caches see it: the noise refiner (image self-attention) and the main layers
+    (joint attention) are the blocks; the context refiner is part of begin and always runs."""
+    params, full = uncached
+    off_spec, on_spec, counter = CACHE_KINDS[kind]
+    off = ours.generate(params | {"cache": off_spec})
+    assert torch.equal(off.latents, full.latents) and off.cache[counter] == 0
+    on = ours.generate(params | {"cache": on_spec})
+    assert on.cache[counter] > 0, on.cache
+    if counter == "forwards_reused":
+        assert on.cache["forwards_computed"] + on.cache["forwards_reused"] == STEPS
+    assert not torch.equal(on.latents, full.latents)
