@@ -175,3 +175,22 @@ def test_cli_cfg_parallel_gives_the_single_rank_image(home: Path, release: Path)
     assert one.shape == two.shape == (1, 48, 80, 3)
     assert np.abs(one - two).max() <= 1 and (one == two).mean() > 0.99
     assert json.loads((home / "two.json").read_text())["parallel_layout"] == "cfg2"
+
+
+@pytest.mark.slow
+def test_feature_caches_run_on_qwen_image(release: Path) -> None:
+    """A cache at threshold 0 changes nothing; TeaCache (on the modulated-input signal, with request coefficients)
+    and FBCache at a high threshold reuse steps; TeaCache without coefficients is refused naming them."""
+    ours = Pipeline.from_pretrained(release)
+    params = {"prompt": PROMPT, "num_inference_steps": 4, "seed": 2}
+    full = ours.generate(params)
+    for cache in ({"kind": "fbcache", "threshold": 0.0},
+                  {"kind": "teacache", "threshold": 0.0, "coefficients": [1.0, 0.0]}):
+        again = ours.generate({**params, "cache": cache})
+        assert torch.equal(again.latents, full.latents), cache
+    for cache in ({"kind": "fbcache", "threshold": 1.0},
+                  {"kind": "teacache", "threshold": 1.0, "coefficients": [1.0, 0.0]}):
+        reused = ours.generate({**params, "cache": cache})
+        assert reused.cache is not None and reused.cache["forwards_reused"] > 0, cache
+    with pytest.raises(ValueError, match="coefficients"):
+        ours.generate({**params, "cache": {"kind": "teacache", "threshold": 0.1}})
