@@ -5,7 +5,8 @@ the release pipeline (diffusers `QwenImagePipeline.encode_prompt`) does around i
 
 - wrap each prompt in the chat template (`text_config.PROMPT_TEMPLATE`);
 - tokenise with `Qwen2Tokenizer` from tokenizer/, truncated at 1024 + 34 tokens, padded to the longest prompt;
-- run the encoder with the attention mask and keep `hidden_states[-1]` (the last layer after the final norm);
+- run the encoder with the attention mask and keep `hidden_states[-1]` (the last layer after the final norm, which
+  is `last_hidden_state`);
 - per prompt keep its real tokens, drop the first 34 (the template's system turn and "<|im_start|>user\\n"),
   and keep at most `max_sequence_length` (512) of the rest (the trailing "<|im_end|>\\n<|im_start|>assistant\\n"
   stays, as in the release);
@@ -166,8 +167,9 @@ class QwenImageTextEncoder:
                                truncation=True, return_tensors="pt")
         device = self.model.embed_tokens.weight.device
         mask = batch["attention_mask"].to(device)
-        out = self.model(input_ids=batch["input_ids"].to(device), attention_mask=mask, output_hidden_states=True)
-        hidden = out.hidden_states[-1]
+        # The pipeline reads hidden_states[-1], which is last_hidden_state (after the final norm); reading the
+        # latter skips keeping every layer's states.
+        hidden = self.model(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
         return [h[m.bool()][TEMPLATE_PREFIX_TOKENS:][:self.max_sequence_length] for h, m in zip(hidden, mask)]
 
     def conditioning(self, prompts: Sequence[str]) -> list[Conditioning]:
