@@ -234,7 +234,8 @@ def uncached(ours: Pipeline):  # noqa: ANN201
 
 
 @pytest.mark.parametrize("kind", list(CACHE_KINDS))
-def test_every_cache_kind_off_is_full_compute_and_on_reuses(ours: Pipeline, uncached, kind: str) -> None:  # noqa: ANN001
+def test_every_cache_kind_off_is_full_compute_and_on_reuses(ours: Pipeline, uncached,  # noqa: ANN001
+                                                            kind: str) -> None:
     """The block protocol as the caches see it: the noise refiner (image self-attention) and the main layers
     (joint attention) are the blocks; the context refiner is part of begin and always runs."""
     params, full = uncached
