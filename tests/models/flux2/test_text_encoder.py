@@ -52,6 +52,9 @@ def test_matches_flux2_klein_encode_prompt(root: Path) -> None:
 
 
 def test_a_shallow_encoder_names_the_missing_hidden_states(tmp_path: Path) -> None:
+    from models.flux2.tiny import TEXT_LAYERS
+
+    assert TEXT_LAYERS == max(FLUX2_HIDDEN_LAYERS) + 1  # the tiny release's encoder is just deep enough
     write_tiny_qwen3(tmp_path / "text_encoder", tmp_path / "tokenizer", HIDDEN, 20, seed=0)
     with pytest.raises(ValueError, match=r"hidden_layers \[27\] out of range: the encoder has 21 hidden states"):
         Flux2TextEncoder.from_pretrained(tmp_path)
