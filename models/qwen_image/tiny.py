@@ -105,7 +105,9 @@ def write_text_encoder(root: Path, hidden: int, seed: int) -> None:
         text_config=dict(vocab_size=len(tokenizer) + 3, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=1,
                          max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": section},
+                         # rope_theta unlike transformers' default (the release's 1e6), so a config reader that
+                         # dropped it would show
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
                          bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
                          pad_token_id=tokenizer.pad_token_id),
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,

@@ -166,3 +166,25 @@ def test_released_language_model_on_meta() -> None:
         model = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(**QWEN25_VL_7B_TEXT_ARCH))
     assert sum(p.numel() for p in model.parameters()) == 7_070_619_136
     assert model.config.hidden_size == PRESETS["qwen-image"].dit.joint_attention_dim
+
+
+def test_a_flat_legacy_config_json_reads_the_same(release: Path, encoder: QwenImageTextEncoder,
+                                                  tmp_path: Path) -> None:
+    """Older transformers wrote Qwen2.5-VL's config.json flat (text fields at the top, `rope_scaling` with the
+    M-RoPE sections, no text_config), as the release's may be: it gives the same encoder."""
+    import json
+    import shutil
+
+    root = tmp_path / "flat"
+    shutil.copytree(release, root)
+    nested = json.loads((root / "text_encoder" / "config.json").read_text())
+    text = nested.pop("text_config")
+    rope = text.pop("rope_parameters")
+    flat = {**nested, **{k: v for k, v in text.items() if k not in ("model_type", "layer_types")},
+            "model_type": "qwen2_5_vl", "rope_theta": rope["rope_theta"],
+            "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]}}
+    (root / "text_encoder" / "config.json").write_text(json.dumps(flat))
+    again = QwenImageTextEncoder.from_pretrained(root)
+    assert again.model.config.hidden_size == WIDTH and again.model.config.num_hidden_layers == 2
+    for a, b in zip(again.encode(PROMPTS), encoder.encode(PROMPTS)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
