@@ -4,8 +4,8 @@ diffusers loads the folder we write in its own layout (so the writer and the rel
 it encodes prompt and negative prompt with Qwen2.5-VL its own way, runs true CFG with its per-token renorm,
 FlowMatchEulerDiscreteScheduler from the folder's scheduler_config.json (dynamic shift from the image size,
 terminal sigma 0.02) and decodes with AutoencoderKLQwenImage; both start from the same latents.
-Tolerances: measured max |latents| diff 2.9e-6 (|latents| up to 4.7) and decoded pixels 9e-7, 0 levels on the
-uint8 image; asserted 2e-5 on latents, 1e-4 on float pixels, 1 level on the written uint8 image. The latents
+Tolerances: measured max |latents| diff 3.3e-6 (|latents| up to 4.6) and decoded pixels 1.3e-6, within one level
+on the uint8 image (a rounding tie); asserted 2e-5 on latents, 1e-4 on float pixels, 1 level on the uint8 image. The latents
 differ at all only because we encode prompt and negative prompt in one padded batch and run both DiT branches as
 one masked batch, where diffusers runs each alone.
 Also here: the sigma schedule from the description vs the release scheduler config, the description read from a
@@ -35,7 +35,7 @@ diffusers = pytest.importorskip("diffusers")
 
 LATENT_ATOL = 2e-5
 PIXEL_ATOL = 1e-4
-SIGMA_ATOL = 1e-6  # the same float32 numpy operations as the scheduler
+SIGMA_ATOL = 1e-6  # the same float32 numpy operations as the scheduler: measured 0
 PROMPT, NEGATIVE = "a red circle on the moon", "w1 w2 blue square"
 SIZE = 64
 STEPS = 3
