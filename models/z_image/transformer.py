@@ -20,8 +20,9 @@ The forward (one sample; a batch repeats it per row):
   float64 angles cast to fp32, then complex64 (`torch.polar`), as the reference computes them.
 
 Sequence order. The reference concatenates [image, caption]; this module hands the attention seam the
-text-first joint sequence [caption, image] that `models.attention` and context parallelism expect. Attention
-has no mask here (one caption length per batch), so the result is the same up to the summation order of
+text-first joint sequence [caption, image] that `models.attention` and context parallelism expect. The keys
+are the same set (where the reference pads a batch's shorter unified sequences at the end and masks them, this
+module masks filler rows after the shorter captions), so the result is the same up to the summation order of
 the softmax over keys (measured in tests/models/z_image/test_transformer.py).
 
 Precision: the token streams, time vector, norms, RoPE, modulations and final layer outputs are fp32; the
@@ -142,6 +143,33 @@ def rope_tables(ids: torch.Tensor, axes_dims: Sequence[int], axes_lens: Sequence
     return rot.real.contiguous(), rot.imag.contiguous()
 
 
+def batch_rope_tables(caption_lens: Sequence[int], grid: tuple[int, int], axes_dims: Sequence[int],
+                      axes_lens: Sequence[int], theta: float, device: torch.device | str | None = None) -> RopeTables:
+    """Tables of a batch whose captions pad to different lengths: (cos, sin), each (L + N_pad, B, width / 2),
+    sample-major on dim 1 so that slicing rows (dim 0) works as for shared tables. Sample b's caption rows are
+    its own ids for its padded length, then filler rows (masked in attention) up to the longest L; its image
+    rows start at its own padded length + 1, as the reference positions each sample."""
+    longest = max(padded_len(n) for n in caption_lens)
+    per_sample = []
+    for n in caption_lens:
+        cap_ids, img_ids = position_ids(n, grid, device)
+        filler = torch.zeros(longest - len(cap_ids), 3, dtype=torch.long, device=device)
+        per_sample.append(rope_tables(torch.cat([cap_ids, filler, img_ids]), axes_dims, axes_lens, theta))
+    return torch.stack([c for c, _ in per_sample], dim=1), torch.stack([s for _, s in per_sample], dim=1)
+
+
+def rotate(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+    """x (B, L, H, D) rotated by shared (L, D/2) tables (`apply_complex_rope`) or per-sample (L, B, D/2) ones
+    (`batch_rope_tables`), with the same complex product."""
+    if rope[0].ndim == 2:
+        return apply_complex_rope(x, rope)
+    cos, sin = rope
+    rot = torch.complex(cos, sin).transpose(0, 1)[:, :, None, :]
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * rot).flatten(3).type_as(x)
+
+
+# ---------------------------------------------------------------------------------------------
 # 3. Attention (q, k, v, out without bias; per-head RMSNorm on q and k; RoPE)
 # ---------------------------------------------------------------------------------------------
 class Attention(nn.Module):
@@ -158,8 +186,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: RopeTables, attn_fn: AttentionFn, meta: AttentionMeta) -> torch.Tensor:
         q, k, v = (linear(proj, x).unflatten(-1, (self.n_heads, -1)) for proj in (self.to_q, self.to_k, self.to_v))
-        q = apply_complex_rope(self.norm_q(q), rope)
-        k = apply_complex_rope(self.norm_k(k), rope)
+        q = rotate(self.norm_q(q), rope)
+        k = rotate(self.norm_k(k), rope)
         out = attn_fn(q, k, v, meta)
         return linear(self.to_out[0], out.flatten(2))
 
@@ -290,15 +318,17 @@ class ZImageForwardState:
     """Per-forward values the blocks and the head need (`TokenState.model`).
 
     adaln: (B, adaln_dim) fp32 time vector; grid: (h, w) token grid; image_len: real image tokens (h * w;
-    the stream holds padded_len of them); caption_len: valid caption tokens (the stream holds
-    `TokenState.text_len` = its padded length); dtype: the latents' dtype.
+    the stream holds padded_len of them); caption_lens: valid caption tokens per sample (the stream holds
+    `TokenState.text_len` rows, the longest padded length); dtype: the latents' dtype; text_mask: (B, text_len)
+    bool, False on the filler rows of captions that pad to less than the longest (None when all pad alike).
     """
 
     adaln: torch.Tensor
     grid: tuple[int, int]
     image_len: int
-    caption_len: int
+    caption_lens: tuple[int, ...]
     dtype: torch.dtype
+    text_mask: torch.Tensor | None = None
 
 
 _FP32_PARAMS = re.compile(r"^(t_embedder\.|cap_embedder\.0\.|x_pad_token$|cap_pad_token$|all_final_layer\.)"
@@ -354,25 +384,37 @@ class ZImageTransformer(PackedWeights, nn.Module):
         """Noise refiners, then main layers: forward order (the context refiner runs in `begin`)."""
         return [*self.noise_refiner, *self.layers]
 
-    def rope(self, caption_len: int, grid: tuple[int, int], device: torch.device | str | None = None) -> RopeTables:
-        """Text-first tables: the L_pad caption rows, then the padded image rows; the last ones are kept."""
-        key = (caption_len, tuple(grid), torch.device(device) if device is not None else None)
+    def rope(self, caption_len: int | Sequence[int], grid: tuple[int, int],
+             device: torch.device | str | None = None) -> RopeTables:
+        """Text-first tables: the L_pad caption rows, then the padded image rows, shared (S, width / 2) when every
+        caption of the batch pads to the same length, else per sample (`batch_rope_tables`); the last are kept."""
+        lens = (caption_len,) if isinstance(caption_len, int) else tuple(int(n) for n in caption_len)
+        pads = tuple(padded_len(n) for n in lens)
+        shared = len(set(pads)) == 1
+        key = (pads[:1] if shared else pads, tuple(grid), torch.device(device) if device is not None else None)
         cached = self.__dict__.get("_rope_cache")
         if cached is None or cached[0] != key:
-            cap_ids, img_ids = position_ids(caption_len, grid, device)
+            cfg = self.config
             with torch.inference_mode(False):
-                tables = rope_tables(torch.cat([cap_ids, img_ids]), self.config.axes_dims, self.config.axes_lens,
-                                     self.config.rope_theta)
+                if shared:
+                    cap_ids, img_ids = position_ids(lens[0], grid, device)
+                    tables = rope_tables(torch.cat([cap_ids, img_ids]), cfg.axes_dims, cfg.axes_lens, cfg.rope_theta)
+                else:
+                    tables = batch_rope_tables(lens, grid, cfg.axes_dims, cfg.axes_lens, cfg.rope_theta, device)
             cached = self._rope_cache = (key, tables)
         return cached[1]
 
-    def prepare(self, latents: torch.Tensor, t_model: torch.Tensor | float, captions: torch.Tensor) -> TokenState:
+    def prepare(self, latents: torch.Tensor, t_model: torch.Tensor | float,
+                captions: torch.Tensor | Sequence[torch.Tensor]) -> TokenState:
         """Embed time, image and caption tokens and run the context refiner on the caption (the noise refiner
         is the first of `blocks`).
 
         latents: (B, in_channels, H, W), H and W multiples of the patch size; t_model: (B,) or a scalar, the
         model's own time (1 - sigma; the diffusers pipeline passes (1000 - 1000 sigma) / 1000);
-        captions: (B, L, cap_feat_dim), the L valid text-encoder rows of every sample (one length per batch).
+        captions: (B, L, cap_feat_dim), the L valid text-encoder rows of every sample, or B tensors (L_b,
+        cap_feat_dim) of different lengths. Each caption is padded to a multiple of 32 with the learned pad token;
+        a caption that pads to less than the longest gets filler rows after its own, masked in every attention
+        (the reference pads and masks its unified sequences the same way), and its own positions.
         """
         cfg = self.config
         p = cfg.patch_size
@@ -381,10 +423,13 @@ class ZImageTransformer(PackedWeights, nn.Module):
         batch, _, height, width = latents.shape
         if height % p or width % p:
             raise ValueError(f"latent height and width {(height, width)} must be multiples of the patch size {p}")
-        if captions.ndim != 3 or captions.shape[0] != batch or captions.shape[2] != cfg.cap_feat_dim:
-            raise ValueError(f"captions must be (B={batch}, L, {cfg.cap_feat_dim}), got {tuple(captions.shape)}")
-        if captions.shape[1] == 0:
-            raise ValueError("the caption has no tokens; Z-Image needs at least one (the empty prompt still has "
+        caps = list(captions)
+        if len(caps) != batch or any(c.ndim != 2 or c.shape[1] != cfg.cap_feat_dim for c in caps):
+            shapes = tuple(captions.shape) if isinstance(captions, torch.Tensor) else [tuple(c.shape) for c in caps]
+            raise ValueError(f"captions must be (B={batch}, L, {cfg.cap_feat_dim}) or {batch} tensors "
+                             f"(L_b, {cfg.cap_feat_dim}), got {shapes}")
+        if any(len(c) == 0 for c in caps):
+            raise ValueError("a caption has no tokens; Z-Image needs at least one (the empty prompt still has "
                              "its chat-template tokens)")
         t_model = torch.as_tensor(t_model, dtype=torch.float32, device=latents.device)
         if t_model.ndim == 0:
@@ -393,21 +438,37 @@ class ZImageTransformer(PackedWeights, nn.Module):
             raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t_model.shape)}")
 
         grid = (height // p, width // p)
-        image_len, caption_len = grid[0] * grid[1], captions.shape[1]
+        image_len, lens = grid[0] * grid[1], tuple(len(c) for c in caps)
         adaln = self.t_embedder(t_model * cfg.t_scale)
         embed = self.all_x_embedder[cfg.embedder_key]
         img = with_pad_token(linear(embed, pad_rows(patchify(latents, p))), image_len, self.x_pad_token)
-        cap = self.cap_embedder[1]
-        txt = linear(cap, self.cap_embedder[0](pad_rows(captions)))
-        txt = with_pad_token(txt, caption_len, self.cap_pad_token)
-        rope = self.rope(caption_len, grid, latents.device)
+        txt, text_mask = self._embed_captions(caps)
+        rope = self.rope(lens, grid, latents.device)
         n_txt = txt.shape[1]
         txt_rope = (rope[0][:n_txt], rope[1][:n_txt])
         for block in self.context_refiner:  # caption-only self-attention, unmodulated
-            txt = block(txt, txt_rope, None, AttentionMeta(layer=block.layer, kind="self"))
-        state = ZImageForwardState(adaln=adaln, grid=grid, image_len=image_len, caption_len=caption_len,
-                                   dtype=latents.dtype)
+            txt = block(txt, txt_rope, None, AttentionMeta(layer=block.layer, kind="self", text_mask=text_mask))
+        state = ZImageForwardState(adaln=adaln, grid=grid, image_len=image_len, caption_lens=lens,
+                                   dtype=latents.dtype, text_mask=text_mask)
         return TokenState(img=img, txt=txt, rope=rope, text_len=txt.shape[1], model=state)
+
+    def _embed_captions(self, caps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, L, d) fp32 caption tokens (L: the longest padded length) and the (B, L) filler mask or None.
+
+        As the reference: every caption padded by repeating its last row, all rows embedded as one matrix,
+        then each caption's pad rows replaced by `cap_pad_token`."""
+        padded = [pad_rows(c[None])[0] for c in caps]
+        rows = linear(self.cap_embedder[1], self.cap_embedder[0](torch.cat(padded)))
+        parts = [with_pad_token(x[None], len(c), self.cap_pad_token)
+                 for x, c in zip(rows.split([len(x) for x in padded]), caps)]
+        longest = max(x.shape[1] for x in parts)
+        if all(x.shape[1] == longest for x in parts):
+            return torch.cat(parts), None
+        mask = torch.zeros(len(parts), longest, dtype=torch.bool, device=rows.device)
+        for b, x in enumerate(parts):
+            mask[b, : x.shape[1]] = True
+        parts = [torch.cat([x, x.new_zeros(1, longest - x.shape[1], x.shape[2])], dim=1) for x in parts]
+        return torch.cat(parts), mask
 
     def run_block(self, block: ZImageBlock, img: torch.Tensor, txt: torch.Tensor | None,
                   state: TokenState) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -423,7 +484,7 @@ class ZImageTransformer(PackedWeights, nn.Module):
         if block.kind != "main":
             raise ValueError(f"a {block.kind} block is not one of `blocks` (the context refiner runs in begin)")
         x = block(torch.cat([txt, img], dim=1), state.rope, adaln,
-                  AttentionMeta(layer=block.layer, kind="joint", text_len=n_txt))
+                  AttentionMeta(layer=block.layer, kind="joint", text_len=n_txt, text_mask=state.model.text_mask))
         return x[:, n_txt:], x[:, :n_txt]
 
     def run_head(self, img: torch.Tensor, state: TokenState) -> torch.Tensor:
@@ -441,21 +502,16 @@ class ZImageTransformer(PackedWeights, nn.Module):
     def begin(self, latents: torch.Tensor, t: torch.Tensor, conditioning: Sequence[Conditioning],
               guidance: torch.Tensor | None = None) -> TokenState:
         """t (B,) = 1000 * sigma -> the model's time (1000 - t) / 1000, as the diffusers pipeline computes it;
-        one conditioning per branch (its valid rows: `mask` selects them when given). Every branch must have
-        the same caption length: the reference masks padding across a batch of unequal captions, which this
-        port does not implement."""
+        one conditioning per branch (its valid rows: `mask` selects them when given); the branches' captions may
+        differ in length (a CFG pair: prompt and negative prompt, see `prepare`)."""
         if guidance is not None:
             raise ValueError("Z-Image has no distilled-guidance input; pass guidance=None (CFG is a second branch)")
         if len(conditioning) != latents.shape[0]:
             raise ValueError(f"{len(conditioning)} conditionings for {latents.shape[0]} branches")
         contexts = [c.context[c.mask.to(torch.bool)] if c.mask is not None else c.context for c in conditioning]
-        lengths = sorted({len(c) for c in contexts})
-        if len(lengths) > 1:
-            raise ValueError(f"captions of different lengths {lengths} in one batch: the reference would mask the "
-                             f"shorter ones' padding, which is not implemented; run the branches separately")
         t = torch.as_tensor(t, dtype=torch.float32, device=latents.device)
         t_model = (1000 - t) / 1000
-        return self.prepare(latents, t_model, torch.stack(contexts).to(latents.device))
+        return self.prepare(latents, t_model, [c.to(latents.device) for c in contexts])
 
     CACHE_SIGNALS = ("modulated_input",)
 
@@ -470,7 +526,8 @@ class ZImageTransformer(PackedWeights, nn.Module):
         scale_msa = first.modulations(state.model.adaln)[0]
         return CacheSignal(first.attention_norm1(state.img) * scale_msa, per_token=True)
 
-    def forward(self, latents: torch.Tensor, t_model: torch.Tensor | float, captions: torch.Tensor) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, t_model: torch.Tensor | float,
+                captions: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """The raw model output (B, C, H, W) fp32 with diffusers' conventions: t_model = 1 - sigma, not negated
         (see `prepare`). The sampler's velocity is its negation (`begin`/`to_latents`)."""
         state = self.prepare(latents, t_model, captions)

@@ -203,12 +203,36 @@ def test_block_protocol_gives_the_negated_model_output(pair) -> None:  # type: i
         ours.cache_signal(state, "nope")
 
 
+@pytest.mark.parametrize("lengths", [(7, 20), (40, 7), (7, 70)])
+@torch.no_grad()
+def test_parity_captions_of_different_lengths(pair, lengths) -> None:  # type: ignore[no-untyped-def]
+    """A batch whose captions differ (a CFG pair): (7, 20) pad alike to 32 (no mask, per-sample pad rows);
+    (40, 7) and (7, 70) pad to 64 / 32 and 32 / 96, so the reference masks the shorter unified sequence and
+    positions each sample's image after its own caption. Through `begin` as the stages call it, too."""
+    ref, ours = pair
+    latents, _ = inputs(TINY)
+    gen = torch.Generator().manual_seed(8)
+    captions = [torch.randn(n, TINY.cap_feat_dim, generator=gen) for n in lengths]
+    theirs = torch.stack(ref([x.unsqueeze(1) for x in latents], T_MODEL, captions, return_dict=False)[0]).squeeze(2)
+    torch.testing.assert_close(ours(latents, T_MODEL, captions), theirs, atol=ATOL, rtol=RTOL)
+    for b in range(2):  # each sample as if alone
+        torch.testing.assert_close(theirs[b:b + 1], reference_output(ref, latents[b:b + 1], T_MODEL[b:b + 1],
+                                                                     captions[b][None]), atol=ATOL, rtol=RTOL)
+    state = ours.begin(latents, T_PROTOCOL, [Conditioning(c) for c in captions], None)
+    img, txt = state.img, state.txt
+    for block in ours.blocks:
+        img, txt = ours.run_block(block, img, txt, state)
+    torch.testing.assert_close(ours.to_latents(ours.run_head(img, state), state), -theirs, atol=ATOL, rtol=RTOL)
+    pads = [c + (-c) % 32 for c in lengths]
+    if pads[0] != pads[1]:
+        assert state.model.text_mask.sum(1).tolist() == pads and state.rope[0].shape[1] == 2
+    else:
+        assert state.model.text_mask is None and state.rope[0].ndim == 2
+
+
 def test_begin_refuses_what_it_does_not_implement(pair) -> None:  # type: ignore[no-untyped-def]
     _, ours = pair
     latents, captions = inputs(TINY)
-    unequal = [Conditioning(captions[0]), Conditioning(captions[1, :5])]
-    with pytest.raises(ValueError, match="different lengths"):
-        ours.begin(latents, T_PROTOCOL, unequal, None)
     with pytest.raises(ValueError, match="guidance"):
         ours.begin(latents, T_PROTOCOL, [Conditioning(c) for c in captions], torch.ones(2))
     with pytest.raises(ValueError, match="multiples of the patch size"):
