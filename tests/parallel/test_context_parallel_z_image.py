@@ -12,10 +12,12 @@ last shard is all pad tokens, and under ring 3 (64 = 3 x 22 - 2) the runner adds
 the parallel attention must drop while keeping the model's pad tokens. Every rank must see the whole caption
 (replicated) and only its shard of the image stream, in every block.
 
-Tolerance: fp32 latents (values O(1)) within 2e-5 absolute. The parallel paths sum the same terms in another
-order (log-sum-exp merges, per-shard GEMMs): measured 0 for ulysses 2, 1.3e-6 for ring 2 and ulysses 2 x ring 2,
-1.4e-6 for ring 3; a dropped pad token, a wrong RoPE slice or an attended zero row gives differences of order
-0.1-1.
+Also true CFG (`CFG_LAYOUTS`) with a prompt and a negative prompt whose captions pad to different lengths.
+
+Tolerance: fp32 latents (values O(1)) within 2e-5 absolute (CFG: `CFG_TOLERANCE`). The parallel paths sum the
+same terms in another order (log-sum-exp merges, per-shard GEMMs): measured 0 for ulysses 2, 1.3e-6 for ring 2
+and ulysses 2 x ring 2, 1.4e-6 for ring 3; a dropped pad token, a wrong RoPE slice or an attended zero row gives
+differences of order 0.1-1.
 """
 
 from __future__ import annotations
@@ -35,6 +37,20 @@ LAYOUTS = {
     "ulysses2xring2": ParallelLayout(ring_degree=2, ulysses_degree=2),
     "ring3": ParallelLayout(ring_degree=3),
 }
+# True CFG as the non-distilled base runs it (cfg_form "cond"), with a prompt of 40 tokens and a negative prompt of 7:
+# the captions pad to 64 and 32, so the joint attention masks the shorter one's filler rows on every rank, and each
+# branch has its own positions; the batched pair under sequence parallelism, or one branch per CFG half.
+CFG_LAYOUTS = {
+    "ulysses2": ParallelLayout(ulysses_degree=2),
+    "ring2": ParallelLayout(ring_degree=2),
+    "cfg2": ParallelLayout(cfg_degree=2),
+    "cfg2xring2": ParallelLayout(cfg_degree=2, ring_degree=2),
+}
+CFG_SCALE, NEGATIVE_LEN, PROMPT_LEN = 2.5, 7, 40
+CFG_TOLERANCE = 4e-5
+"""The guided velocity (1 + g) v_c - g v_u carries each branch's rounding differences up to 1 + 2g = 6 times: measured
+0 (ulysses 2), 5.6e-6 (ring 2), 6.3e-6 (cfg 2: each branch alone, unmasked, against the masked pair of one rank),
+7.6e-6 (cfg 2 x ring 2)."""
 WORLD = 4
 TOLERANCE = 2e-5
 HEIGHT, WIDTH = 80, 112  # latent 10 x 14 -> a 5 x 7 grid = 35 image tokens, padded to 64
@@ -58,14 +74,15 @@ def _config():
                            axes_dims=(8, 4, 4), axes_lens=(256, 32, 32))
 
 
-def _stage(mesh: ParallelMesh | None = None):
+def _stage(mesh: ParallelMesh | None = None, guidance: str = "none"):
     from models.random_init import randomize_parameters
     from models.z_image.transformer import ZImageTransformer
     from stages.denoise import DenoiseStage
 
     model = ZImageTransformer(_config()).eval()
     randomize_parameters(model, seed=5)
-    return DenoiseStage([model], mesh=mesh, guidance="none", teacache_signals={"default": "modulated_input"})
+    return DenoiseStage([model], mesh=mesh, guidance=guidance, teacache_signals={"default": "modulated_input"},
+                        cfg_form="cond" if guidance == "cfg" else "uncond")
 
 
 def _job(stage, cache: dict | None = None):
@@ -84,6 +101,20 @@ def _job(stage, cache: dict | None = None):
 
 def _denoise(stage) -> np.ndarray:
     return stage.run_steps(_job(stage)).latents.numpy()
+
+
+def _denoise_cfg(stage) -> np.ndarray:
+    from models.conditioning import Conditioning
+    from stages.embeddings import PromptEmbeddings
+    from stages.params import ResolvedParams
+
+    params = ResolvedParams(prompt="p", negative_prompt="", height=HEIGHT, width=WIDTH, num_frames=1,
+                            num_inference_steps=STEPS, guidance_scale=CFG_SCALE, guidance_scale_2=CFG_SCALE, shift=3.0,
+                            seed=3, sampler="flowmatch-euler", fps=1, guidance="cfg", cache=None)
+    generator = torch.Generator().manual_seed(12)
+    prompt, negative = (Conditioning(torch.randn(n, _config().cap_feat_dim, generator=generator))
+                        for n in (PROMPT_LEN, NEGATIVE_LEN))
+    return stage.run_steps(stage.start(params, PromptEmbeddings(prompt, negative))).latents.numpy()
 
 
 def _streams_seen(stage) -> list[tuple[str, int, int]]:
@@ -108,6 +139,10 @@ def _all_layouts(rank: int, world: int) -> dict[str, object]:
     """On every rank: build each layout's mesh over its first ranks and denoise with it."""
     torch.set_num_threads(1)
     results: dict[str, object] = {}
+    for name, layout in CFG_LAYOUTS.items():
+        mesh = ParallelMesh.build(layout, ranks=range(layout.world_size))
+        if mesh is not None:
+            results[name + "/cfg"] = _denoise_cfg(_stage(mesh, guidance="cfg"))
     for name, layout in LAYOUTS.items():
         mesh = ParallelMesh.build(layout, ranks=range(layout.world_size))
         if mesh is not None:
@@ -150,6 +185,22 @@ def test_caption_replicated_image_sharded(name: str, parallel_results) -> None:
     expected = [("noise", shard, 32)] * 2 + [("main", shard, 32)] * 2
     for rank in range(layout.world_size):
         assert parallel_results[rank][name + "/streams"] == expected, f"{name}: rank {rank}"
+
+
+@pytest.fixture(scope="module")
+def cfg_reference() -> np.ndarray:
+    return _denoise_cfg(_stage(guidance="cfg"))
+
+
+@pytest.mark.parametrize("name", list(CFG_LAYOUTS))
+def test_true_cfg_with_captions_of_different_lengths_matches_single_rank(name: str, parallel_results,
+                                                                         cfg_reference) -> None:
+    layout = CFG_LAYOUTS[name]
+    outputs = [parallel_results[rank][name + "/cfg"] for rank in range(layout.world_size)]
+    for rank, latents in enumerate(outputs):
+        np.testing.assert_array_equal(latents, outputs[0], err_msg=f"{name}: rank {rank} differs from rank 0")
+    diff = float(np.abs(outputs[0] - cfg_reference).max())
+    assert diff <= CFG_TOLERANCE, f"{name}: max |parallel - single rank| = {diff:.3g} > {CFG_TOLERANCE}"
 
 
 def test_the_denoising_moves_the_latents(reference) -> None:
