@@ -188,3 +188,19 @@ def test_a_flat_legacy_config_json_reads_the_same(release: Path, encoder: QwenIm
     assert again.model.config.hidden_size == WIDTH and again.model.config.num_hidden_layers == 2
     for a, b in zip(again.encode(PROMPTS), encoder.encode(PROMPTS)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_sharded_text_encoder_loads(release: Path, encoder: QwenImageTextEncoder, tmp_path: Path) -> None:
+    """The release's text_encoder/ is sharded (model-0000k-of-0000n.safetensors + model.safetensors.index.json)."""
+    import shutil
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    root = tmp_path / "sharded"
+    shutil.copytree(release / "tokenizer", root / "tokenizer")
+    full = Qwen2_5_VLForConditionalGeneration.from_pretrained(release / "text_encoder")
+    full.save_pretrained(root / "text_encoder", max_shard_size="20KB")
+    assert (root / "text_encoder" / "model.safetensors.index.json").is_file()
+    again = QwenImageTextEncoder.from_pretrained(root)
+    for a, b in zip(again.encode(PROMPTS), encoder.encode(PROMPTS)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
