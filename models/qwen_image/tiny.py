@@ -21,7 +21,8 @@ from models.qwen_image.config import QWEN_IMAGE_TINY, QwenImageDiTConfig
 from models.qwen_image.text_config import PROMPT_TEMPLATE, TEMPLATE_PREFIX_TOKENS
 from models.wan.config import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD, WanVAEConfig
 
-__all__ = ["SCHEDULER_CONFIG", "TINY_WORDS", "build_tokenizer", "tiny_vae_config", "write_random_checkpoint"]
+__all__ = ["SCHEDULER_CONFIG", "TINY_WORDS", "build_tokenizer", "tiny_vae_config", "write_random_checkpoint",
+           "write_text_encoder"]
 
 TINY_WORDS = tuple(f"w{i}" for i in range(120)) + ("a", "cat", "on", "the", "moon", "red", "circle", "blue",
                                                     "square", ".", ",")
