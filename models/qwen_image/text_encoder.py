@@ -34,6 +34,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, Qwen2_5_VLConfig, Qwen2_5_VLTextModel, Qwen2Tokenizer
 
 from models.conditioning import Conditioning
+from models.config_files import read_json
 from models.loading import CheckpointError, StateDict, load_safetensors_dir, load_strict, meta_device
 from models.qwen_image.text_config import (
     MAX_SEQUENCE_LENGTH,
@@ -82,10 +83,11 @@ def load_text_model(folder: str | Path, dtype: torch.dtype = torch.float32,
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} holds no config.json: not a Qwen2.5-VL text_encoder/ folder")
-    config = Qwen2_5_VLConfig.from_pretrained(str(folder), local_files_only=True)
-    if config.model_type != "qwen2_5_vl":
-        raise CheckpointError(f"{folder}/config.json is a {config.model_type!r} model; Qwen-Image's text encoder is "
+    model_type = read_json(folder / "config.json").get("model_type")
+    if model_type != "qwen2_5_vl":
+        raise CheckpointError(f"{folder}/config.json is a {model_type!r} model; Qwen-Image's text encoder is "
                               f"Qwen2.5-VL (model_type 'qwen2_5_vl')")
+    config = Qwen2_5_VLConfig.from_pretrained(str(folder), local_files_only=True)
     raw, source = load_safetensors_dir(folder, stem=WEIGHTS_STEM)
     sd, dropped = release_to_text_model(raw)
     del raw

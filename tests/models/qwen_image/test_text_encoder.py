@@ -204,3 +204,14 @@ def test_a_sharded_text_encoder_loads(release: Path, encoder: QwenImageTextEncod
     again = QwenImageTextEncoder.from_pretrained(root)
     for a, b in zip(again.encode(PROMPTS), encoder.encode(PROMPTS)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_another_model_type_is_refused(release: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    shutil.copytree(release, tmp_path / "other")
+    path = tmp_path / "other" / "text_encoder" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "model_type": "qwen3"}))
+    with pytest.raises(CheckpointError, match=r"is a 'qwen3' model; Qwen-Image's text encoder is Qwen2\.5-VL"):
+        QwenImageTextEncoder.from_pretrained(tmp_path / "other")
