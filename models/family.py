@@ -15,6 +15,13 @@ from typing import Any, Literal, Mapping
 OutputKind = Literal["video", "image"]
 GuidanceKind = Literal["cfg", "distilled", "none"]
 CfgForm = Literal["uncond", "cond"]
+"""How true CFG combines the branches: "uncond" v_u + g (v_c - v_u), "cond" v_c + g (v_c - v_u) (Z-Image)."""
+
+
+def neutral_guidance_scale(form: CfgForm) -> float:
+    """The scale at which a CFG form gives the conditional velocity alone (so one branch suffices): 1 for
+    "uncond", 0 for "cond"."""
+    return 1.0 if form == "uncond" else 0.0
 """cfg: classifier-free guidance, two branches per step (CFG parallel applies); distilled: the guidance
 scale is an input of one forward (FLUX.1-dev); none: one forward, no scale (FLUX.1-schnell)."""
 
@@ -291,4 +298,6 @@ class ModelDescription:
         """Whether a request with default guidance runs two branches (what the automatic CFG layout looks at)."""
         if self.guidance != "cfg":
             return False
-        return self.defaults.guidance_scale != 1.0 or (self.guidance_scale_2 or 1.0) != 1.0
+        neutral = neutral_guidance_scale(self.cfg_form)
+        second = self.guidance_scale_2 if self.guidance_scale_2 is not None else neutral
+        return self.defaults.guidance_scale != neutral or second != neutral

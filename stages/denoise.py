@@ -19,7 +19,7 @@ from flexcache.hooks import NO_HOOKS
 from flexcache.strategy import CacheStrategy, make_strategy
 from models.attention import AttentionFn, auto_attention
 from models.denoiser import BlockDenoiser
-from models.family import CfgForm, GuidanceKind, LatentGeometry, ModelDescription
+from models.family import CfgForm, GuidanceKind, LatentGeometry, ModelDescription, neutral_guidance_scale
 from models.registry import describe, family_module
 from parallel.mesh import ParallelMesh
 from stages.embeddings import PromptEmbeddings
@@ -148,6 +148,9 @@ class DenoiseStage:
         if params.guidance != self.guidance:
             raise ValueError(f"the parameters were resolved for a model with {params.guidance!r} guidance, but this "
                              f"DiT's guidance is {self.guidance!r}: resolve them against this model's description")
+        if params.cfg_form != self.cfg_form:
+            raise ValueError(f"the parameters were resolved for a model whose CFG form is {params.cfg_form!r}, but "
+                             f"this DiT's is {self.cfg_form!r}")
         if params.guided and self.guidance == "cfg" and embeddings.negative is None:
             raise ValueError("guided denoising needs negative-prompt embeddings")
         sampler = make_sampler(params.sampler, params.num_inference_steps, params.shift, self.shift_terminal)
@@ -171,7 +174,7 @@ class DenoiseStage:
         job.expert = expert
         x = job.latents.to(self.device)[None]
         branches = [job.embeddings.positive]
-        if self.guidance == "cfg" and scale != 1.0:
+        if self.guidance == "cfg" and scale != neutral_guidance_scale(self.cfg_form):
             branches.append(job.embeddings.negative)  # type: ignore[arg-type]  # checked in start
         batch = len(branches)
         t = timestep.to(self.device).reshape(1).expand(batch)

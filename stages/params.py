@@ -35,7 +35,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from flexcache.spec import CacheSpec, describe_cache_error, describe_cache_rule
-from models.family import GuidanceKind, ModelDescription
+from models.family import CfgForm, GuidanceKind, ModelDescription, neutral_guidance_scale
 from stages.sampler_names import SAMPLER_NAMES, SamplerName
 
 logger = logging.getLogger(__name__)
@@ -257,6 +257,7 @@ class GenerationParams(BaseModel):
             sampler=self.sampler if self.sampler is not None else defaults.sampler,  # type: ignore[arg-type]
             fps=defaults.fps,
             cache=_resolved_cache(self.cache, model),
+            cfg_form=model.cfg_form,
         )
 
 
@@ -366,7 +367,7 @@ class ResolvedParams(BaseModel):
     guidance_scale_2 equals guidance_scale for single-expert models; shift is the value that ran
     (a dynamic rule evaluated at height x width); fps is the model's output frame rate (not a user
     param, recorded so the video file and metadata agree); cache is the feature cache that ran (None:
-    none).
+    none); cfg_form is the model's CFG combination (a model param, recorded so `guided` needs no model).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -385,12 +386,15 @@ class ResolvedParams(BaseModel):
     sampler: SamplerName
     fps: int
     cache: CacheSpec | None = None
+    cfg_form: CfgForm = "uncond"
 
     @property
     def guided(self) -> bool:
-        """Whether two CFG branches run: a "cfg" model with a scale other than 1 (1 is exactly the
-        conditional branch alone); distilled and unguided models always run one."""
-        return self.guidance == "cfg" and (self.guidance_scale != 1.0 or self.guidance_scale_2 != 1.0)
+        """Whether two CFG branches run: a "cfg" model with a scale other than its form's neutral one (1 for
+        v_u + g (v_c - v_u), 0 for Z-Image's v_c + g (v_c - v_u): exactly the conditional branch alone);
+        distilled and unguided models always run one."""
+        neutral = neutral_guidance_scale(self.cfg_form)
+        return self.guidance == "cfg" and (self.guidance_scale != neutral or self.guidance_scale_2 != neutral)
 
 
 def format_validation_error(exc: ValidationError) -> str:

@@ -287,11 +287,8 @@ def test_true_cfg_matches_diffusers(release: Path, reference) -> None:  # type: 
     assert err < LATENT_ATOL, f"CFG latents differ by {err:.2e}"
 
 
-@pytest.mark.xfail(strict=True, reason="stages/denoise.py skips the negative branch at guidance_scale 1.0, the no-op "
-                   "scale of the 'uncond' form only: for cfg_form 'cond' scale 1 gives 2 v_c - v_u (and scale 0 is the "
-                   "no-op); reported to the lead")
-def test_true_cfg_scale_one_is_not_the_conditional_velocity(release: Path,  # type: ignore[no-untyped-def]
-                                                            reference) -> None:
+def test_true_cfg_scale_one_runs_both_branches_in_the_cond_form(release: Path,  # type: ignore[no-untyped-def]
+                                                                reference) -> None:
     pipe = _cfg_pipeline(release, 1.0)
     resolved = pipe.resolve({"prompt": LONG_PROMPT, "seed": 3, "num_inference_steps": 2})
     result = pipe.generate(resolved)
