@@ -7,6 +7,8 @@ embedding), a few double- and single-stream blocks at the real FLUX.1 width (307
 T5 context 4096, CLIP pooled 768) on a 64x64 latent (512x512 px: 1,024 image tokens) plus 512 text tokens.
 `--family qwen-image`: native `QwenImageTransformer` vs `QwenImageTransformer2DModel`, a few dual-stream blocks at
 the real width (3072, 24 heads, text 3584) on 1,024 image tokens plus `--text-len` text tokens.
+`--family flux2`: native `Flux2Transformer` vs `Flux2Transformer2DModel` (klein), a few double- and single-stream
+blocks at the real klein-4B width (3072, 24 heads, SwiGLU 9216, text 7680) on 1,024 image tokens plus the text.
 `--family z-image`: native `ZImageTransformer` vs `ZImageTransformer2DModel`, the two refiners of each kind and a
 few main blocks at the real width (3840, 30 heads, SwiGLU 10240, text 2560) on 1,024 image tokens plus the caption.
 
@@ -38,6 +40,7 @@ the JSON plots the times and the GFLOP/s against the peak.
         --text-len 512 --repeats 5
     .venv/bin/python benchmarks/dit_forward.py --family qwen-image --layers 2 --text-len 256 --repeats 5
     .venv/bin/python benchmarks/dit_forward.py --family z-image --layers 2 --text-len 256 --repeats 5
+    .venv/bin/python benchmarks/dit_forward.py --family flux2 --double 2 --single 2 --repeats 5
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.cpu_linear import PackedLinear  # noqa: E402
 from models.flux.config import FluxDiTConfig  # noqa: E402
+from models.flux2.config import Flux2DiTConfig  # noqa: E402
 from models.qwen_image.config import QwenImageDiTConfig  # noqa: E402
 from models.random_init import randomize_parameters  # noqa: E402
 from models.wan.config import WanDiTConfig  # noqa: E402
@@ -118,6 +122,18 @@ def qwen_image_forward_flops(cfg: QwenImageDiTConfig, batch: int, tokens: int, t
     return float(batch * (embed + cfg.num_layers * block + final))
 
 
+def flux2_forward_flops(cfg: Flux2DiTConfig, batch: int, tokens: int, text_len: int) -> float:
+    """FLUX.2: matmul + attention FLOPs of one forward; the modulations are computed once and shared."""
+    d, m, n, s = cfg.hidden_size, cfg.mlp_hidden, tokens, tokens + text_len
+    embed = 2 * n * cfg.in_channels * d + 2 * text_len * cfg.context_dim * d
+    vec = 2 * (TIME_CHANNELS * d + d * d) * (2 if cfg.guidance_embed else 1) + 2 * d * (6 + 6 + 3) * d
+    attention = 4 * s * s * d
+    double = 2 * s * d * 3 * d + attention + 2 * s * d * d + 2 * s * d * 2 * m + 2 * s * m * d
+    single = 2 * s * d * (3 * d + 2 * m) + attention + 2 * s * (d + m) * d
+    final = 2 * d * 2 * d + 2 * n * d * cfg.in_channels
+    return float(batch * (embed + vec + cfg.num_double_blocks * double + cfg.num_single_blocks * single + final))
+
+
 def z_image_forward_flops(cfg: ZImageDiTConfig, batch: int, tokens: int, text_len: int) -> float:
     """Z-Image: matmul + attention FLOPs of one forward. Image and caption are each padded to a multiple of 32
     (the pad rows are computed and attended like real ones); the refiners see one stream, the main blocks both."""
@@ -148,6 +164,13 @@ def flux_gemms(cfg: FluxDiTConfig, batch: int, tokens: int, text_len: int) -> li
     d, m, s = cfg.hidden_size, cfg.mlp_hidden, batch * (tokens + text_len)
     n = batch * tokens
     return [(s, d, 3 * d + m), (s, d + m, d), (n, d, m), (n, m, d), (n, d, 3 * d)]
+
+
+def flux2_gemms(cfg: Flux2DiTConfig, batch: int, tokens: int, text_len: int) -> list[Gemm]:
+    """FLUX.2's largest GEMMs: the single blocks' fused qkv + SwiGLU up and their output, the image MLP."""
+    d, m, s = cfg.hidden_size, cfg.mlp_hidden, batch * (tokens + text_len)
+    n = batch * tokens
+    return [(s, d, 3 * d + 2 * m), (s, d + m, d), (n, d, 2 * m), (n, m, d)]
 
 
 def qwen_image_gemms(cfg: QwenImageDiTConfig, batch: int, tokens: int, text_len: int) -> list[Gemm]:
@@ -356,6 +379,50 @@ def z_image_subject(args: argparse.Namespace, dtype: torch.dtype) -> Subject:
                    gemms=z_image_gemms(cfg, b, tokens, args.text_len))
 
 
+def flux2_subject(args: argparse.Namespace, dtype: torch.dtype) -> Subject:
+    from diffusers import Flux2Transformer2DModel
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
+
+    from models.flux2.transformer import Flux2Transformer
+
+    cfg = flux2_config(args)
+    ours = randomize_parameters(Flux2Transformer(cfg), seed=0)
+    ref = Flux2Transformer2DModel.from_config(cfg.to_diffusers_json())
+    ref.load_state_dict(ours.state_dict(), strict=True)  # our parameter names are diffusers'
+    ref = cast_like_from_pretrained(ref, dtype)
+    ours = cast_ours(ours, dtype)
+
+    gen = torch.Generator().manual_seed(1)
+    b, h, w = args.batch, args.height // 2, args.width // 2  # the 128-channel latent is at H/16: one token each
+    latents = torch.randn(b, cfg.in_channels, h, w, generator=gen).to(dtype)
+    context = torch.randn(b, args.text_len, cfg.context_dim, generator=gen).to(dtype)
+    t = torch.full((b,), 750.0)
+    img_ids = Flux2KleinPipeline._prepare_latent_ids(latents)  # made once per generation by the pipeline
+    txt_ids = Flux2KleinPipeline._prepare_text_ids(context)
+    packed = Flux2KleinPipeline._pack_latents(latents)
+
+    def run_ref() -> torch.Tensor:
+        return ref(hidden_states=packed, encoder_hidden_states=context, timestep=(t / 1000).to(dtype),
+                   img_ids=img_ids, txt_ids=txt_ids, guidance=None, return_dict=False)[0]
+
+    tokens = h * w
+    return Subject(run_ours=lambda: ours(latents, t, context), run_ref=run_ref,
+                   ref_output=lambda out: Flux2KleinPipeline._unpack_latents_with_ids(out, img_ids), ours=ours,
+                   tokens=tokens, flops=flux2_forward_flops(cfg, b, tokens, args.text_len),
+                   gemms=flux2_gemms(cfg, b, tokens, args.text_len))
+
+
+def flux2_config(args: argparse.Namespace) -> Flux2DiTConfig:
+    heads = args.heads or 24
+    head_dim = (args.dim or 3072) // heads
+    if head_dim % 8:
+        raise SystemExit(f"flux2: head_dim {head_dim} must split into 4 even RoPE axes")
+    return Flux2DiTConfig(hidden_size=heads * head_dim, num_heads=heads, num_double_blocks=args.double,
+                          num_single_blocks=args.single, mlp_ratio=(args.ffn_dim or 3 * heads * head_dim) /
+                          (heads * head_dim), context_dim=args.context_dim or 7680,
+                          axes_dims_rope=(head_dim // 4,) * 4)
+
+
 def cast_ours(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Our model in `dtype` under its own precision policy (`cast_weights` keeps its fp32 parameters), frozen."""
     cast = getattr(model, "cast_weights", None)
@@ -388,7 +455,8 @@ def z_image_config(args: argparse.Namespace) -> ZImageDiTConfig:
 
 
 SUBJECTS: dict[str, Callable[[argparse.Namespace, torch.dtype], Subject]] = {
-    "wan": wan_subject, "flux": flux_subject, "qwen-image": qwen_image_subject, "z-image": z_image_subject}
+    "wan": wan_subject, "flux": flux_subject, "flux2": flux2_subject, "qwen-image": qwen_image_subject,
+    "z-image": z_image_subject}
 
 
 def wan_config(args: argparse.Namespace) -> WanDiTConfig:
@@ -528,6 +596,14 @@ def config_record(args: argparse.Namespace) -> dict:
                 "text_len": args.text_len, "context_dim": cfg.joint_attention_dim, "batch": batch,
                 "latent": [cfg.out_channels, args.height, args.width], "pixels": [8 * args.height, 8 * args.width],
                 "blocks": f"{cfg.num_layers} dual-stream blocks"}
+    if args.family == "flux2":
+        cfg = flux2_config(args)
+        return {"hidden_size": cfg.hidden_size, "num_heads": cfg.num_heads, "mlp_hidden": cfg.mlp_hidden,
+                "double_blocks": cfg.num_double_blocks, "single_blocks": cfg.num_single_blocks,
+                "text_len": args.text_len, "context_dim": cfg.context_dim, "batch": batch,
+                "latent": [cfg.in_channels, args.height // 2, args.width // 2],
+                "pixels": [8 * args.height, 8 * args.width],
+                "blocks": f"{cfg.num_double_blocks} double + {cfg.num_single_blocks} single blocks"}
     if args.family == "z-image":
         cfg = z_image_config(args)
         return {"dim": cfg.dim, "num_heads": cfg.n_heads, "ffn_hidden": cfg.ffn_hidden, "layers": cfg.n_layers,
@@ -548,8 +624,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=tuple(SUBJECTS), default="wan")
     parser.add_argument("--layers", type=int, default=2, help="wan, qwen-image, z-image: (main) blocks")
-    parser.add_argument("--double", type=int, default=2, help="flux: double-stream blocks")
-    parser.add_argument("--single", type=int, default=2, help="flux: single-stream blocks")
+    parser.add_argument("--double", type=int, default=2, help="flux, flux2: double-stream blocks")
+    parser.add_argument("--single", type=int, default=2, help="flux, flux2: single-stream blocks")
     parser.add_argument("--frames", type=int, default=5, help="wan: latent frames F")
     parser.add_argument("--height", type=int, default=None,
                         help="latent height (tokens: height/2 rows); default wan 24, the image families 64 "

@@ -24,7 +24,13 @@ The forward (every step of it in the reference's order, so fp32 CPU results are 
   `torch.polar`, as the reference tabulates them for positions -4096 ... 4095 (positions outside raise here).
 
 Precision: the token streams, time vector, norms, RoPE, modulations and the final layer's outputs are fp32; the
-matmuls run in the weight dtype. `keep_fp32` names the parameters kept fp32 under bf16 weights.
+matmuls run in the weight dtype. `keep_fp32` names the parameters kept fp32 under bf16 weights (`cast_weights`).
+
+Speed (benchmarks/dit_forward.py --family qwen-image), with the math unchanged: every Linear is a `PackedLinear`
+(models/cpu_linear.py, shared with Wan and FLUX.1): on CPU it multiplies by a weight prepacked once for oneDNN
+(bf16) or MKL (fp32) instead of re-blocking the plain weight on every call, and the MLP's first GEMM runs the
+tanh-GELU in its epilogue. State-dict names are those of `nn.Linear`; the packed copies cost a second copy of
+the weights (`packed_weight_bytes`; `set_weight_prepacking(False)` trades the speed for the memory).
 
 Block protocol (models/denoiser.py): `blocks` = the dual-stream blocks in forward order; `run_block` runs one on
 (img, txt); `TokenState.rope` is text-first (the text rows, then the image rows) and each stream takes its own
@@ -46,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.attention import AttentionFn, AttentionMeta, sdpa_attention
+from models.cpu_linear import PackedLinear, PackedWeights
 from models.conditioning import Conditioning
 from models.denoiser import CacheSignal, RopeTables, TokenState
 from models.family import LatentGeometry
@@ -148,14 +155,14 @@ class JointAttention(nn.Module):
     def __init__(self, dim: int, head_dim: int) -> None:
         super().__init__()
         self.head_dim = head_dim
-        self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
-        self.to_v = nn.Linear(dim, dim)
-        self.add_q_proj = nn.Linear(dim, dim)
-        self.add_k_proj = nn.Linear(dim, dim)
-        self.add_v_proj = nn.Linear(dim, dim)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
-        self.to_add_out = nn.Linear(dim, dim)
+        self.to_q = PackedLinear(dim, dim)
+        self.to_k = PackedLinear(dim, dim)
+        self.to_v = PackedLinear(dim, dim)
+        self.add_q_proj = PackedLinear(dim, dim)
+        self.add_k_proj = PackedLinear(dim, dim)
+        self.add_v_proj = PackedLinear(dim, dim)
+        self.to_out = nn.ModuleList([PackedLinear(dim, dim)])
+        self.to_add_out = PackedLinear(dim, dim)
         self.norm_q = RMSNorm(head_dim, NORM_EPS)
         self.norm_k = RMSNorm(head_dim, NORM_EPS)
         self.norm_added_q = RMSNorm(head_dim, NORM_EPS)
@@ -186,10 +193,10 @@ class GeluProj(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim, hidden)
+        self.proj = PackedLinear(dim, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(linear(self.proj, x), approximate="tanh")
+        return self.proj(x, gelu=True).float()  # the GELU runs in the GEMM's epilogue where the weight is packed
 
 
 class FeedForward(nn.Module):
@@ -197,7 +204,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.net = nn.ModuleList([GeluProj(dim, hidden), nn.Identity(), nn.Linear(hidden, dim)])
+        self.net = nn.ModuleList([GeluProj(dim, hidden), nn.Identity(), PackedLinear(hidden, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(self.net[2], self.net[0](x))
@@ -215,10 +222,10 @@ class QwenImageBlock(nn.Module):
         d = config.dim
         self.layer = layer
         self.attn_fn = attn_fn
-        self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.img_mod = nn.Sequential(nn.SiLU(), PackedLinear(d, 6 * d))
         self.attn = JointAttention(d, config.head_dim)
         self.img_mlp = FeedForward(d, config.mlp_hidden)
-        self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.txt_mod = nn.Sequential(nn.SiLU(), PackedLinear(d, 6 * d))
         self.txt_mlp = FeedForward(d, config.mlp_hidden)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, rope: RopeTables,
@@ -241,8 +248,8 @@ class QwenImageBlock(nn.Module):
 class TimestepEmbedding(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.linear_1 = nn.Linear(TIME_CHANNELS, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = PackedLinear(TIME_CHANNELS, dim)
+        self.linear_2 = PackedLinear(dim, dim)
 
     def forward(self, sinusoid: torch.Tensor) -> torch.Tensor:
         return linear(self.linear_2, F.silu(linear(self.linear_1, sinusoid)))
@@ -264,7 +271,7 @@ class NormOut(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.linear = nn.Linear(dim, 2 * dim)
+        self.linear = PackedLinear(dim, 2 * dim)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         scale, shift = linear(self.linear, F.silu(temb)).chunk(2, dim=1)
@@ -291,7 +298,7 @@ _FP32_PARAMS = re.compile(r"^(time_text_embed\.|txt_norm\.|norm_out\.|proj_out\.
                           r"|\.norm_(q|k|added_q|added_k)\.weight$")
 
 
-class QwenImageTransformer(nn.Module):
+class QwenImageTransformer(PackedWeights, nn.Module):
     """Qwen-Image DiT. config: network shape; attn_fn: the attention function behind the seam, (B, L, H, D)
     layout. Use `from_pretrained` for checkpoints."""
 
@@ -301,11 +308,11 @@ class QwenImageTransformer(nn.Module):
         d = config.dim
         self.time_text_embed = TimeTextEmbed(d)
         self.txt_norm = RMSNorm(config.joint_attention_dim, NORM_EPS)
-        self.img_in = nn.Linear(config.in_channels, d)
-        self.txt_in = nn.Linear(config.joint_attention_dim, d)
+        self.img_in = PackedLinear(config.in_channels, d)
+        self.txt_in = PackedLinear(config.joint_attention_dim, d)
         self.transformer_blocks = nn.ModuleList(QwenImageBlock(config, i, attn_fn) for i in range(config.num_layers))
         self.norm_out = NormOut(d)
-        self.proj_out = nn.Linear(d, config.patch_features)
+        self.proj_out = PackedLinear(d, config.patch_features)
 
     @property
     def latent(self) -> LatentGeometry:
@@ -318,6 +325,14 @@ class QwenImageTransformer(nn.Module):
     def keep_fp32(cls, name: str) -> bool:
         """True for parameters kept fp32 under bf16 weights (time MLP, text norm, q/k norms, final layer)."""
         return _FP32_PARAMS.search(name) is not None
+
+    def cast_weights(self, dtype: torch.dtype) -> "QwenImageTransformer":
+        """Cast the matmul weights to `dtype`, keeping the `keep_fp32` parameters in fp32 (unlike `.to`)."""
+        self.release_packed_weights()
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.data = p.data.to(torch.float32 if self.keep_fp32(name) else dtype)
+        return self
 
     def set_attention(self, attn_fn: AttentionFn) -> None:
         for block in self.blocks:

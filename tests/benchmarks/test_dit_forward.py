@@ -57,9 +57,19 @@ def test_flop_counts_of_the_image_families_match_torch_flop_counter() -> None:
         model(torch.randn(1, 16, 6, 4), torch.tensor([0.5]), torch.randn(1, 5, 24))
     assert counter.get_total_flops() == bench.qwen_image_forward_flops(qwen, 1, tokens=6, text_len=5)
 
+    from models.flux2.config import Flux2DiTConfig
+    from models.flux2.transformer import Flux2Transformer
+
+    flux2 = Flux2DiTConfig(in_channels=16, hidden_size=64, num_heads=2, num_double_blocks=2, num_single_blocks=1,
+                           context_dim=24, axes_dims_rope=(8, 8, 8, 8))
+    model = randomize_parameters(Flux2Transformer(flux2, attn_fn=matmul_attention)).set_weight_prepacking(False)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 16, 3, 2), torch.tensor([500.0]), torch.randn(1, 5, 24))
+    assert counter.get_total_flops() == bench.flux2_forward_flops(flux2, 1, tokens=6, text_len=5)
+
     z = ZImageDiTConfig(dim=32, n_heads=2, n_kv_heads=2, n_layers=2, n_refiner_layers=1, cap_feat_dim=24,
                         axes_dims=(4, 6, 6), axes_lens=(256, 32, 32))
-    model = randomize_parameters(ZImageTransformer(z, attn_fn=matmul_attention))
+    model = randomize_parameters(ZImageTransformer(z, attn_fn=matmul_attention)).set_weight_prepacking(False)
     with FlopCounterMode(display=False) as counter:
         model(torch.randn(1, 16, 6, 4), torch.tensor([0.5]), torch.randn(1, 5, 24))
     assert counter.get_total_flops() == bench.z_image_forward_flops(z, 1, tokens=6, text_len=5)
@@ -78,6 +88,8 @@ def test_peak_is_the_best_of_plain_and_packed_gemms_at_the_given_shapes() -> Non
              "--ffn-dim", "256"]),
     ("flux", ["--double", "1", "--single", "1", "--height", "8", "--width", "8", "--text-len", "16", "--dim", "128",
               "--heads", "2", "--context-dim", "64", "--pooled-dim", "32"]),
+    ("flux2", ["--double", "1", "--single", "1", "--height", "8", "--width", "8", "--text-len", "16", "--dim", "128",
+               "--heads", "2", "--context-dim", "48"]),
     ("qwen-image", ["--layers", "1", "--height", "8", "--width", "8", "--text-len", "16", "--dim", "128",
                     "--heads", "2", "--context-dim", "64"]),
     ("z-image", ["--layers", "1", "--height", "8", "--width", "8", "--text-len", "16", "--dim", "128",

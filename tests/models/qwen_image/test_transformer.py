@@ -37,8 +37,10 @@ TINY = QwenImageDiTConfig(num_layers=3, num_attention_heads=4, attention_head_di
 # Measured max abs error vs diffusers: 0.0 in every case below (|out| about 3): the port runs the reference's
 # operations in its order, RoPE angles included, and the seam's SDPA gets the same [text, image] sequence and the
 # same bool key mask. The tolerance asks for bitwise equality; `assert_close` with 0 is `torch.equal` plus a
-# readable message.
+# readable message. That is with the plain GEMMs (`twin` turns the CPU weight prepacking off); the prepacked
+# MKL / oneDNN GEMMs sum in another order, within PACKED_ATOL of them (`test_prepacked_gemms_...`).
 ATOL = RTOL = 0.0
+PACKED_ATOL = 2e-6  # measured 4.8e-7 (|out| about 3): the blocked GEMM kernels' summation order
 
 LATENT = (6, 10)  # (H/8, W/8) -> a 3 x 5 token grid
 TEXT_LEN = 7
@@ -55,7 +57,7 @@ def reference(cfg: QwenImageDiTConfig, seed: int = 0) -> torch.nn.Module:
 
 def twin(ref: torch.nn.Module, cfg: QwenImageDiTConfig) -> QwenImageTransformer:
     """Ours, holding a copy of the reference's weights (strict: every key on both sides)."""
-    model = QwenImageTransformer(cfg).eval().requires_grad_(False)
+    model = QwenImageTransformer(cfg).eval().requires_grad_(False).set_weight_prepacking(False)
     model.load_state_dict({k: v.clone() for k, v in ref.state_dict().items()}, strict=True)
     return model
 
@@ -135,6 +137,21 @@ def test_the_mask_matters_and_masked_rows_are_ignored(pair) -> None:  # type: ig
     alone = ours(latents[1:], SIGMA[1:], context[1:, :4])
     torch.testing.assert_close(alone, out[1:], atol=1e-5, rtol=1e-5)
     assert max_error(ours(latents, SIGMA, context), out) > 1e-3
+
+
+@torch.no_grad()
+def test_prepacked_gemms_agree_with_the_plain_ones(pair) -> None:  # type: ignore[no-untyped-def]
+    """An 8 x 8 token grid: 64 rows per GEMM, so the CPU prepacked path runs (GELU in the epilogue included)."""
+    ref, ours = pair
+    latents, context = inputs(TINY, latent=(16, 16))
+    plain = ours(latents, SIGMA, context)
+    packed = ours.set_weight_prepacking(True)(latents, SIGMA, context)
+    try:
+        assert ours.packed_weight_bytes() > 0
+        torch.testing.assert_close(packed, plain, atol=PACKED_ATOL, rtol=0)
+        torch.testing.assert_close(packed, reference_output(ref, latents, SIGMA, context), atol=PACKED_ATOL, rtol=0)
+    finally:
+        ours.set_weight_prepacking(False)
 
 
 @pytest.mark.parametrize("text_len, latent", [(1, (2, 2)), (5, (10, 4)), (12, (8, 8))])
