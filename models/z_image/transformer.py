@@ -40,7 +40,9 @@ parallelism every rank runs it on the whole caption, with the model's own local 
 `blocks` = noise refiners, then main layers, in forward order; `run_block` dispatches on `block.kind`
 ("noise": modulated self-attention over the image stream only, kind "self", so context parallelism shards it
 like Wan's self-attention; "main": joint attention over [caption, image], text replicated, image sharded).
-`TokenState.rope` is text-first (caption rows, then image rows); each kind takes its rows.
+`TokenState.rope` is text-first (caption rows, then image rows); each kind takes its rows. Its tables are
+(rows, width) when every caption of the batch pads to the same length, else (rows, B, width) per sample
+(`batch_rope_tables`): rows stay dim 0, so context parallelism slices and shards them unchanged.
 
 Padding and context parallelism: the image stream the blocks see is the padded one (a multiple of 32
 tokens, the pads being learned `x_pad_token` rows the reference attends like real tokens), so its length is

@@ -110,7 +110,7 @@ def _denoise_cfg(stage) -> np.ndarray:
 
     params = ResolvedParams(prompt="p", negative_prompt="", height=HEIGHT, width=WIDTH, num_frames=1,
                             num_inference_steps=STEPS, guidance_scale=CFG_SCALE, guidance_scale_2=CFG_SCALE, shift=3.0,
-                            seed=3, sampler="flowmatch-euler", fps=1, guidance="cfg", cache=None)
+                            seed=3, sampler="flowmatch-euler", fps=1, guidance="cfg", cache=None, cfg_form="cond")
     generator = torch.Generator().manual_seed(12)
     prompt, negative = (Conditioning(torch.randn(n, _config().cap_feat_dim, generator=generator))
                         for n in (PROMPT_LEN, NEGATIVE_LEN))
