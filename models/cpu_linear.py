@@ -233,7 +233,16 @@ class PackedLinear(nn.Linear):
 
 
 class PackedWeights:
-    """Mixin for a model built from `PackedLinear` layers: switch the packing, free it, report its memory."""
+    """Mixin for a model built from `PackedLinear` layers: switch the packing, free it, report its memory, and cast
+    its weights under the model's precision policy (the model's `keep_fp32(name)` names what stays fp32)."""
+
+    def cast_weights(self, dtype: torch.dtype):  # noqa: ANN201 - returns the model itself
+        """Cast the matmul weights to `dtype`, keeping the `keep_fp32` parameters in fp32 (unlike `.to`)."""
+        self.release_packed_weights()
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.data = p.data.to(torch.float32 if self.keep_fp32(name) else dtype)
+        return self
 
     def set_weight_prepacking(self, enabled: bool):  # noqa: ANN201 - returns the model itself
         """Turn the CPU prepacked-weight GEMMs on (the default) or off; off also frees the packed copies."""

@@ -341,13 +341,6 @@ class Flux2Transformer(PackedWeights, nn.Module):
         """True for parameters that stay fp32 under bf16 weights (the `load_strict` keep_fp32 callback)."""
         return _FP32_PARAMS.search(name) is not None
 
-    def cast_weights(self, dtype: torch.dtype) -> "Flux2Transformer":
-        """Cast the matmul weights to `dtype`, keeping the `keep_fp32` parameters in fp32 (unlike `.to`)."""
-        self.release_packed_weights()
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                p.data = p.data.to(torch.float32 if self.keep_fp32(name) else dtype)
-        return self
 
     def set_attention(self, attn_fn: AttentionFn) -> None:
         """Swap the attention function of every block (the context-parallel seam)."""

@@ -326,13 +326,6 @@ class QwenImageTransformer(PackedWeights, nn.Module):
         """True for parameters kept fp32 under bf16 weights (time MLP, text norm, q/k norms, final layer)."""
         return _FP32_PARAMS.search(name) is not None
 
-    def cast_weights(self, dtype: torch.dtype) -> "QwenImageTransformer":
-        """Cast the matmul weights to `dtype`, keeping the `keep_fp32` parameters in fp32 (unlike `.to`)."""
-        self.release_packed_weights()
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                p.data = p.data.to(torch.float32 if self.keep_fp32(name) else dtype)
-        return self
 
     def set_attention(self, attn_fn: AttentionFn) -> None:
         for block in self.blocks:

@@ -367,13 +367,6 @@ class ZImageTransformer(PackedWeights, nn.Module):
         final layer)."""
         return _FP32_PARAMS.search(name) is not None
 
-    def cast_weights(self, dtype: torch.dtype) -> "ZImageTransformer":
-        """Cast the matmul weights to `dtype`, keeping the `keep_fp32` parameters in fp32 (unlike `.to`)."""
-        self.release_packed_weights()
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                p.data = p.data.to(torch.float32 if self.keep_fp32(name) else dtype)
-        return self
 
     def set_attention(self, attn_fn: AttentionFn) -> None:
         """The seam of the protocol's blocks (the context refiner keeps its local attention, see `begin`)."""
