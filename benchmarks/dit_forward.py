@@ -327,7 +327,7 @@ def qwen_image_subject(args: argparse.Namespace, dtype: torch.dtype) -> Subject:
     ref = QwenImageTransformer2DModel.from_config(cfg.to_diffusers_json())
     ref.load_state_dict(ours.state_dict(), strict=True)  # the release's key names are diffusers'
     ref = cast_like_from_pretrained(ref, dtype)
-    ours = cast_ours(ours, dtype)
+    ours.cast_weights(dtype).eval().requires_grad_(False)
 
     gen = torch.Generator().manual_seed(1)
     b, h, w = args.batch, args.height, args.width
@@ -360,7 +360,7 @@ def z_image_subject(args: argparse.Namespace, dtype: torch.dtype) -> Subject:
     ref = ZImageTransformer2DModel.from_config(cfg.to_diffusers_json())
     ref.load_state_dict(ours.state_dict(), strict=True)  # the release's key names are diffusers'
     ref = cast_like_from_pretrained(ref, dtype)
-    ours = cast_ours(ours, dtype)
+    ours.cast_weights(dtype).eval().requires_grad_(False)
 
     gen = torch.Generator().manual_seed(1)
     b, h, w = args.batch, args.height, args.width
@@ -390,7 +390,7 @@ def flux2_subject(args: argparse.Namespace, dtype: torch.dtype) -> Subject:
     ref = Flux2Transformer2DModel.from_config(cfg.to_diffusers_json())
     ref.load_state_dict(ours.state_dict(), strict=True)  # our parameter names are diffusers'
     ref = cast_like_from_pretrained(ref, dtype)
-    ours = cast_ours(ours, dtype)
+    ours.cast_weights(dtype).eval().requires_grad_(False)
 
     gen = torch.Generator().manual_seed(1)
     b, h, w = args.batch, args.height // 2, args.width // 2  # the 128-channel latent is at H/16: one token each
@@ -421,19 +421,6 @@ def flux2_config(args: argparse.Namespace) -> Flux2DiTConfig:
                           num_single_blocks=args.single, mlp_ratio=(args.ffn_dim or 3 * heads * head_dim) /
                           (heads * head_dim), context_dim=args.context_dim or 7680,
                           axes_dims_rope=(head_dim // 4,) * 4)
-
-
-def cast_ours(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Our model in `dtype` under its own precision policy (`cast_weights` keeps its fp32 parameters), frozen."""
-    cast = getattr(model, "cast_weights", None)
-    model = cast(dtype) if cast is not None else model.to(dtype)
-    return model.eval().requires_grad_(False)
-
-
-def packed_weight_bytes(model: torch.nn.Module) -> int:
-    """The memory of the model's prepacked GEMM weights (0 for a model without them)."""
-    report = getattr(model, "packed_weight_bytes", None)
-    return report() if report is not None else 0
 
 
 def qwen_image_config(args: argparse.Namespace) -> QwenImageDiTConfig:
@@ -539,7 +526,7 @@ def run_dtype(args: argparse.Namespace, dtype: torch.dtype,
         "out_absmax": scale,
         "first_forward_s": first,  # warm-up: includes our one-off weight packing
         "ours_param_bytes": sum(p.numel() * p.element_size() for p in subject.ours.parameters()),
-        "ours_packed_weight_bytes": packed_weight_bytes(subject.ours),
+        "ours_packed_weight_bytes": subject.ours.packed_weight_bytes(),
     }
     if fp32_reference is not None and dtype != torch.float32:
         result["max_abs_err_vs_fp32"] = {name: (out - fp32_reference).abs().max().item()

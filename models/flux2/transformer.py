@@ -341,7 +341,6 @@ class Flux2Transformer(PackedWeights, nn.Module):
         """True for parameters that stay fp32 under bf16 weights (the `load_strict` keep_fp32 callback)."""
         return _FP32_PARAMS.search(name) is not None
 
-
     def set_attention(self, attn_fn: AttentionFn) -> None:
         """Swap the attention function of every block (the context-parallel seam)."""
         for block in self.blocks:

@@ -326,7 +326,6 @@ class QwenImageTransformer(PackedWeights, nn.Module):
         """True for parameters kept fp32 under bf16 weights (time MLP, text norm, q/k norms, final layer)."""
         return _FP32_PARAMS.search(name) is not None
 
-
     def set_attention(self, attn_fn: AttentionFn) -> None:
         for block in self.blocks:
             block.attn_fn = attn_fn

@@ -338,7 +338,6 @@ class WanTransformer(PackedWeights, nn.Module):
         """
         return _FP32_PARAMS.search(name) is not None
 
-
     def set_attention(self, attn_fn: AttentionFn) -> None:
         """Swap the attention function (self- and cross-attention) of every block: the seam that context
         parallelism, attention backends and feature caches use."""

@@ -367,7 +367,6 @@ class ZImageTransformer(PackedWeights, nn.Module):
         final layer)."""
         return _FP32_PARAMS.search(name) is not None
 
-
     def set_attention(self, attn_fn: AttentionFn) -> None:
         """The seam of the protocol's blocks (the context refiner keeps its local attention, see `begin`)."""
         for block in self.blocks:
