@@ -82,13 +82,19 @@ class DiTConfig(_HealthChecked, _RankGroupFaults):
     num_cpus: float | None = Field(None, ge=0, description="CPUs reserved per rank. Unset: 1, or an equal share of "
                                                            "the cluster's CPUs (as for the other pools).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per rank (1 on GPU clusters).")
-    chunk_steps: int = Field(1, ge=1, le=1000,
-                             description="Denoising steps per dispatch: progress, cancellation and priorities "
-                                         "take effect between chunks.")
+    chunk_steps: int | None = Field(None, ge=1, le=1000,
+                                    description="Most denoising steps per dispatch to the DiT group; unset = every "
+                                                "step that is left, in one dispatch. Progress events, cancellation "
+                                                "and priority preemption act per step either way (streamed and "
+                                                "out of band); a smaller chunk only adds a round trip and a group "
+                                                "check per chunk.")
+    step_events: bool = Field(True, description="Stream a progress event per denoising step from the running "
+                                                "group (the job's step and the SSE events); false: progress moves "
+                                                "once per dispatch.")
     init_timeout_s: float = Field(120.0, gt=0, description="Time allowed for placement and process-group start-up.")
     step_timeout_s: float = Field(300.0, gt=0, le=86_400,
-                                  description="Longest one denoising step may take on the ranks (a chunk gets "
-                                              "chunk_steps times this, any other group call once this); after it "
+                                  description="Longest one denoising step may take on the ranks (a dispatch gets "
+                                              "its steps times this, any other group call once this); after it "
                                               "the group is treated as hung: killed, rebuilt and the job retried.")
     cfg_degree: int | None = Field(None, ge=1, le=2,
                                    description="Ranks per request over the CFG branches (1 or 2). The three degrees "

@@ -1,22 +1,27 @@
 """The DiT rank group: `world_size` rank actors forming one torch.distributed group.
 
 Each rank loads the denoiser in its own process and keeps the per-request `DenoiseJob`s
-(latents + sampler history) in memory, so between chunks only ids and step counts travel;
-embeddings go in once, final latents come out once. The engine drives a job chunk by chunk
-through `DiTGroup.run_steps`, which issues the same call to every rank at once.
+(latents + sampler history) in memory, so between runs only ids and step counts travel;
+embeddings go in once, final latents come out once. The engine drives a job through
+`DiTGroup.run_steps`, which issues the same call to every rank at once: by default one call runs
+every step that is left, and rank 0 streams an event per step back on that call (a Ray streaming
+generator), so progress stays per step without a round trip per step. Cancellation and priority
+preemption reach the running ranks out of band (`DiTGroup.stop`, two rounds of control calls in their
+own concurrency group, actors/step_control.py) and stop every rank at the same step boundary.
 
 Each request is spread over the ranks by the group's `ParallelLayout` (cfg x ring x ulysses,
 parallel/): the layout is resolved and validated here before any actor starts (a bad layout fails
 in milliseconds with the reason, not after minutes of weight loading), and every rank builds its
 `ParallelMesh` once the process group exists. Every rank ends each step with the same full latents
-(parallel.dit), so any rank could return them; rank 0 does. At the end of each chunk
+(parallel.dit), so any rank could return them; rank 0 does. At the end of each run
 the ranks run ONE small all_reduce that checks they stand at the same step and that none failed
-(group checks at chunk boundaries, never a per-step barrier). Every rank enters
-that collective even when its own chunk raised, so an error after the chunk's last collective
+(group checks at run boundaries, never a per-step barrier); a job's first run also starts with
+one, later runs rely on the previous end check. Every rank enters
+that collective even when its own run raised, so an error after the run's last collective
 fails all ranks together and the group lives on. An error inside a forward (out of memory on one
 GPU) leaves the others in that forward's collective instead: the failed rank reports its error
-before the end check (`run_steps` yields it first), and the group is broken once the others
-have not finished `dit.fault_grace_s` later; a chunk that outlives chunk_steps x
+before the end check (`run_steps` yields it at once), and the group is broken once the others
+have not finished `dit.fault_grace_s` later; a run that outlives its steps x
 `dit.step_timeout_s` breaks it too (rank_group.py).
 
 The generic group machinery (placement group, rendezvous, init on all ranks at once, ping in
@@ -31,15 +36,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy as np
 import ray
 
 from actors.config import ServiceConfig
 from actors.errors import StageActorDied, StageStartError, error_headline
-from actors.rank_group import RankActor, RankGroup
+from actors.rank_group import CONTROL_GROUP, Failed, Progress, RankActor, RankGroup
 from actors.stage_actors import ConditioningArrays, resolve_dtype, resolve_model_folder
+from actors.step_control import StepControls
 from models import registry
 from parallel.mesh import LayoutError, ParallelLayout, resolve_layout
 
@@ -69,6 +75,8 @@ class DiTRankActor(RankActor):
         torch_dtype = resolve_dtype(dtype, device)
         self._stage = DenoiseStage.from_pretrained(folder, dtype=torch_dtype, device=self.device)
         self._jobs: dict[str, DenoiseJob] = {}
+        self._agreed: dict[str, int] = {}  # job id -> the step at which the last end-of-run check agreed
+        self._controls = StepControls()
         logger.info("DiT rank %d/%d loaded %s (%s on %s, pid %d)", rank, world_size, folder, torch_dtype,
                     self.device, os.getpid())
 
@@ -109,17 +117,22 @@ class DiTRankActor(RankActor):
         self._jobs[job_id] = job
         return job.total_steps
 
-    def run_steps(self, job_id: str, max_steps: int) -> Iterator[str | dict[str, Any] | None]:
-        """Advance a job by up to max_steps. Yields twice (a Ray streaming call): first None, or the headline
-        of this rank's own error as soon as its steps failed; then {"step", "total", "done", "step_times", "cache"}
-        (this chunk's seconds), or it raises.
+    def run_steps(self, job_id: str, max_steps: int, run_id: int = 0,
+                  events: bool = False) -> Iterator[Progress | Failed | dict[str, Any]]:
+        """Advance a job by up to max_steps, or to the stop step the engine sets meanwhile (`hold` / `stop_at`).
 
-        With world_size > 1 the chunk is framed by two small all_reduce checks, entered by every rank
-        even after an error: before it, that every rank knows the job, stands at the same step and runs
-        the same number of steps (the forwards contain collectives, so a disagreement must stop the
-        chunk before they start); after it, that no rank failed and all reached the same step. A rank
-        whose forward failed inside a collective never meets the others at the end check, which is why
-        it reports first: the group then stops waiting (DiTGroup, fault_grace_s).
+        A Ray streaming call: with `events`, yields Progress({"step", "total", "seconds"}) after every step;
+        yields Failed(headline) as soon as this rank's steps failed; last {"step", "total", "done",
+        "step_times", "cache"} (this run's seconds per step), or it raises. run_id numbers the job's runs
+        (dispatches), so a stop request for an earlier run cannot stop this one.
+
+        With world_size > 1 the run ends with one small all_reduce check, entered by every rank even
+        after an error: that no rank failed and all reached the same step. A job's first run also
+        starts with one, that every rank knows the job, stands at the same step and runs the same
+        number of steps (the forwards contain collectives, so a disagreement must stop the run before
+        they start); later runs rely on the previous run's end check instead. A rank whose forward
+        failed inside a collective never meets the others at the end check, which is why it reports
+        first: the group then stops waiting (DiTGroup, fault_grace_s).
         """
         if max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {max_steps}")
@@ -132,26 +145,50 @@ class DiTRankActor(RankActor):
             first = job.step
         except Exception as exc:  # noqa: BLE001  # re-raised below, after the group check
             error = exc
-        if self.world_size > 1:
+        if self.world_size > 1 and (job is None or self._agreed.get(job_id) != first):
             self._agree(job_id, "at the start of the chunk", {"step": first, "steps": max_steps},
                         failed=error is not None)
         if error is not None:
             raise error  # every other rank raised in the check above: nobody waits at the end check
         assert job is not None
+        control = self._controls.get(job_id, run_id, first)
+        if control is None:
+            raise ValueError(f"job {job_id!r}: run {run_id} is older than the job's latest run on rank {self.rank}")
+        end = min(job.total_steps, first + max_steps)
         try:
-            self._stage.run_steps(job, max_steps)
+            while job.step < end and control.proceed():
+                self._stage.run_steps(job, 1)
+                control.stepped()
+                if events:
+                    yield Progress({"step": job.step, "total": job.total_steps, "seconds": job.step_times[-1]})
         except Exception as exc:  # noqa: BLE001  # re-raised below, after the group check
             error = exc
-            logger.error("rank %d: job %s failed in its chunk: %s", self.rank, job_id, error_headline(exc))
-        yield None if error is None else error_headline(error)
+            logger.error("rank %d: job %s failed in its run: %s", self.rank, job_id, error_headline(exc))
+        finally:
+            control.ended()
+        if error is not None:
+            yield Failed(error_headline(error))
         if self.world_size > 1:
-            self._agree(job_id, "at the end of the chunk", {"step": -1 if job is None else job.step},
-                        failed=error is not None)
+            self._agree(job_id, "at the end of the chunk", {"step": job.step}, failed=error is not None)
         if error is not None:
             raise error
-        assert job is not None
+        self._agreed[job_id] = job.step  # set on every rank or on none: the check raised on all of them or none
         yield {"step": job.step, "total": job.total_steps, "done": job.done, "step_times": job.step_times[first:],
                "cache": job.cache.stats.as_dict() if job.cache is not None else None}
+
+    def hold(self, job_id: str, run_id: int) -> int | None:
+        """Control call (CONTROL_GROUP): run `run_id` of the job starts no step after its next boundary; returns
+        that boundary's step, or None when the job is unknown here or the run is stale (actors/step_control.py)."""
+        job = self._jobs.get(job_id)
+        control = None if job is None else self._controls.get(job_id, run_id, job.step)
+        return None if control is None else control.hold()
+
+    def stop_at(self, job_id: str, run_id: int, step: int) -> None:
+        """Control call (CONTROL_GROUP): run `run_id` of the job stops once `step` steps are done."""
+        job = self._jobs.get(job_id)
+        control = None if job is None else self._controls.get(job_id, run_id, job.step)
+        if control is not None:
+            control.stop_at(step)
 
     def _agree(self, job_id: str, when: str, named: dict[str, int], failed: bool) -> None:
         """One all_reduce(MAX) of (values, -values, failed): raises on every rank unless all ranks hold the
@@ -184,12 +221,17 @@ class DiTRankActor(RankActor):
         if not job.done:
             raise ValueError(f"job {job_id!r} is at step {job.step} of {job.total_steps}; run the remaining steps "
                              f"before asking for the result")
-        del self._jobs[job_id]
+        self._forget(job_id)
         return job.latents.detach().to("cpu").float().numpy()
 
     def drop(self, job_id: str) -> None:
         """Forget a job (cancellation or cleanup); dropping an unknown job is fine."""
+        self._forget(job_id)
+
+    def _forget(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
+        self._agreed.pop(job_id, None)
+        self._controls.forget(job_id)
 
     def jobs(self) -> list[str]:
         return list(self._jobs)
@@ -213,6 +255,9 @@ class DiTGroup(RankGroup):
         self.group_index = group_index
         self._model_arg = model if model is not None else cfg.model
         self.layout: ParallelLayout | None = None
+        self._run_ids: dict[str, int] = {}  # job id -> its latest run's number (a stop names the run it stops)
+        self._running: dict[str, int] = {}  # job id -> the run going on now
+        self._stopping: dict[str, asyncio.Future[int | None]] = {}
         dit = cfg.dit
         super().__init__(stage=STAGE, kind="DiT", index=group_index, actor_cls=actor_cls,
                          world_size=dit.world_size, num_cpus=dit.num_cpus, num_gpus=dit.num_gpus,
@@ -260,11 +305,52 @@ class DiTGroup(RankGroup):
             raise
         return int(totals[0])
 
-    async def run_steps(self, job_id: str, max_steps: int) -> dict[str, Any]:
-        """Advance the job by up to max_steps on all ranks; rank 0's {"step", "total", "done", "step_times"}."""
+    async def run_steps(self, job_id: str, max_steps: int,
+                        on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Advance the job by up to max_steps on all ranks (fewer when `stop` is called meanwhile); returns rank
+        0's {"step", "total", "done", "step_times", "cache"}. on_step gets rank 0's {"step", "total", "seconds"}
+        after every step, streamed while the run goes on (no call per step)."""
         self._check_usable()
-        streams = [r.run_steps.remote(job_id, max_steps) for r in self._ranks]
-        return (await self._gather(streams, f"run_steps({job_id})", **self._budget(max_steps)))[0]
+        run_id = self._run_ids[job_id] = self._run_ids.get(job_id, 0) + 1
+        self._running[job_id] = run_id
+        streams = [r.run_steps.remote(job_id, max_steps, run_id, i == 0 and on_step is not None)
+                   for i, r in enumerate(self._ranks)]
+        forward = None if on_step is None else (lambda rank, payload: on_step(payload))
+        try:
+            return (await self._gather(streams, f"run_steps({job_id})", on_progress=forward,
+                                       **self._budget(max_steps)))[0]
+        finally:
+            self._running.pop(job_id, None)
+
+    async def stop(self, job_id: str) -> int | None:
+        """Stop the job's running `run_steps` at the first step boundary all ranks can reach together; returns
+        that step (the run then returns there, not done), or None when no run of the job is going on.
+
+        Two rounds of control calls, answered beside the run (actors/step_control.py): every rank holds at its
+        next boundary and says which; then every rank gets the largest, runs on to it and stops. No collective.
+        Concurrent stops of one job share the first one's rounds.
+        """
+        if job_id not in self._running or self._broken is not None:
+            return None
+        pending = self._stopping.get(job_id)
+        if pending is None:
+            pending = self._stopping[job_id] = asyncio.ensure_future(self._stop_rounds(job_id, self._running[job_id]))
+            pending.add_done_callback(lambda _: self._stopping.pop(job_id, None))
+        return await asyncio.shield(pending)
+
+    async def _stop_rounds(self, job_id: str, run_id: int) -> int | None:
+        budget = {"budget_s": self._health_timeout_s, "budget_key": "dit.health_check_timeout_s"}
+        control = [r.hold.options(concurrency_group=CONTROL_GROUP) for r in self._ranks]
+        boundaries = await self._gather([call.remote(job_id, run_id) for call in control], f"hold({job_id})",
+                                        **budget)
+        known = [b for b in boundaries if b is not None]
+        if not known:
+            return None
+        step = max(known)
+        await self._gather([r.stop_at.options(concurrency_group=CONTROL_GROUP).remote(job_id, run_id, step)
+                            for r in self._ranks], f"stop_at({job_id})", **budget)
+        logger.info("%s: job %s stops at step %d", self.label, job_id, step)
+        return step
 
     async def result(self, job_id: str) -> np.ndarray:
         """The finished job's latents (C, F', H', W') float32 from rank 0; the job is dropped on every rank."""
@@ -272,12 +358,14 @@ class DiTGroup(RankGroup):
         (latents,) = await self._gather([self._ranks[0].result.remote(job_id)], f"result({job_id})",
                                         **self._budget(1))
         await self._drop_everywhere(job_id, first_rank=1)
+        self._run_ids.pop(job_id, None)
         return latents
 
     async def drop(self, job_id: str) -> None:
         """Cancel: forget the job on every rank. Idempotent, and it never raises for a dead rank (the job
         died with it): the group is then marked broken and the next call raises StageActorDied.
         """
+        self._run_ids.pop(job_id, None)
         if self._broken is not None or not self._ranks:
             return  # a broken or stopped group holds no jobs
         try:

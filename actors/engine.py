@@ -3,8 +3,11 @@
 One asyncio loop owns everything: the `StageScheduler` policy (which job next, per stage), the
 durable `JobStore`, and one worker coroutine per stage actor (per DiT group), so text encoding,
 denoising and decoding of different jobs run at the same time on different pools. Denoising
-is dispatched in chunks of steps: between chunks the engine publishes progress, honours
-cancellation (all ranks of a group stop at the same step) and lets higher-priority jobs in.
+is dispatched once per job by default (`dit.chunk_steps` caps a dispatch): rank 0 streams an event
+per step on that call, which the engine publishes (status, SSE) from memory; the job store gets the
+step when the dispatch returns. Cancellation and a waiting job of higher priority stop a running
+dispatch out of band at the next step boundary, on every rank at the same step (`DiTGroup.stop`);
+the stopped job goes back to the denoise queue with its state on the group, as between chunks.
 
 Faults: a stage call that raises StageActorDied (an actor or rank died, a rank's error stranded
 its group, a call hung) is retried up to scheduler.max_attempts while the pool or group is
@@ -20,6 +23,7 @@ Used by the Serve ingress (serve_app.py) and by the batch runner (actors/batch.p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -128,6 +132,8 @@ class StageEngine:
         self._workers: list[asyncio.Task[None]] = []
         self._stopping = False
         self._dit_busy: set[int] = set()  # DiT groups running a call for a job right now
+        self._dispatched: dict[str, int] = {}  # job id -> the DiT group running a run_steps dispatch of it now
+        self._stops: dict[str, asyncio.Task[None]] = {}  # job id -> its dispatch's stop request under way
         self._dit_rebuilds: dict[int, asyncio.Task[None]] = {}  # the one rebuild under way per DiT group
         self._store_lock: asyncio.Lock | None = None  # one store write at a time, in the order issued
         self._accepting = 0  # submits whose record is being written (they hold a queue place already)
@@ -162,7 +168,7 @@ class StageEngine:
         self._stopping = True
         for task in self._workers:
             task.cancel()
-        for task in self._dit_rebuilds.values():
+        for task in [*self._dit_rebuilds.values(), *self._stops.values()]:
             task.cancel()
         if self._workers or self._dit_rebuilds:
             await asyncio.wait([*self._workers, *self._dit_rebuilds.values()], timeout=10)
@@ -236,11 +242,14 @@ class StageEngine:
         return await asyncio.wait_for(until_done(), timeout_s)
 
     async def cancel(self, job_id: str) -> JobRecord:
-        """Cancel a queued job at once; a running one stops at its next chunk boundary."""
+        """Cancel a queued job at once; a running one stops at its next step boundary (denoising) or when its
+        stage call returns (encoding, decoding)."""
         record = self.status(job_id)
         if record.done:
             return record
         outcome = self.scheduler.cancel(job_id)
+        if outcome == "running":
+            self._stop_dispatch(job_id, "cancelled")
         if outcome in ("removed", "unknown"):
             owner = self._owner.get(job_id)
             if owner is not None:  # cancelled between chunks: free its state in the DiT group
@@ -356,6 +365,7 @@ class StageEngine:
 
     async def _notify(self) -> None:
         assert self._changed is not None, "start() the engine first"
+        self._preempt_for_priority()
         self.metrics.queue_depths({s: self.scheduler.depth(s) for s in ("encode", "denoise", "decode")})
         async with self._changed:
             self._changed.notify_all()
@@ -439,7 +449,14 @@ class StageEngine:
                 self._owner[job_id] = group_index
                 await self._stage_started(job_id, "denoise", "denoising")
                 await self._update(job_id, step=0, total_steps=total)
-            out = await group.run_steps(job_id, self.cfg.dit.chunk_steps)
+            record = self.status(job_id)
+            steps = self.cfg.dit.chunk_steps or max(1, record.total_steps - record.step)
+            on_step = (lambda event: self._step_done(job_id, event)) if self.cfg.dit.step_events else None
+            self._dispatched[job_id] = group_index
+            try:
+                out = await group.run_steps(job_id, steps, on_step=on_step)
+            finally:
+                self._dispatched.pop(job_id, None)
             self.metrics.denoise_steps(len(out["step_times"]))
             cache = {"cache": out["cache"]} if out.get("cache") is not None else {}
             await self._update(job_id, step=out["step"], total_steps=out["total"], **cache)
@@ -458,6 +475,54 @@ class StageEngine:
             self._owner.pop(job_id, None)
             await self._fail(job_id, f"denoising failed: {error_headline(exc)}", exc)
             await group.drop(job_id)
+
+    def _step_done(self, job_id: str, event: Mapping[str, Any]) -> None:
+        """A step finished inside a running dispatch (streamed by rank 0): new progress for status() and the
+        event stream, kept in memory; the job store gets the step when the dispatch returns."""
+        record = self._records.get(job_id)
+        if record is None or record.done:
+            return
+        record = dataclasses.replace(record, step=int(event["step"]), total_steps=int(event["total"]),
+                                     updated_at=time.time())
+        self._records[job_id] = record
+        self._publish(record)
+
+    def _stop_dispatch(self, job_id: str, why: str) -> None:
+        """Ask the DiT group running a dispatch of the job to stop it at the next step boundary (in the background:
+        the dispatch then returns unfinished and the worker goes on as between chunks)."""
+        group_index = self._dispatched.get(job_id)
+        if group_index is None or job_id in self._stops:
+            return
+        logger.info("job %s: stopping its denoising dispatch on DiT group %d (%s)", job_id, group_index, why)
+
+        async def stop() -> None:
+            try:
+                await self.dit_groups[group_index].stop(job_id)
+            except Exception:  # noqa: BLE001 - a broken group fails the dispatch itself, which handles it
+                logger.exception("stopping job %s on DiT group %d failed", job_id, group_index)
+            finally:
+                self._stops.pop(job_id, None)
+
+        self._stops[job_id] = asyncio.create_task(stop())
+
+    def _preempt_for_priority(self) -> None:
+        """When the best job waiting to denoise outranks a running dispatch on a group it could use, and no such
+        group is free, stop the lowest-priority of those dispatches: the waiting job gets the group at the next
+        step boundary (strict priority, as between chunks), the stopped one waits with its state on the group."""
+        waiting = next((j for j in self.scheduler.queued("denoise") if not self.scheduler.is_cancelled(j)), None)
+        if waiting is None:
+            return
+        priority = self.status(waiting).priority
+        usable = [i for i, g in enumerate(self.dit_groups)
+                  if g.running and i not in self._dit_rebuilds and self._owner.get(waiting, i) == i]
+        if any(i not in self._dit_busy for i in usable):
+            return  # a free group takes it without stopping anyone
+        running = [(self.status(j).priority, j) for j, i in self._dispatched.items()
+                   if i in usable and j not in self._stops]
+        if running:
+            lowest, job_id = min(running)
+            if lowest < priority:
+                self._stop_dispatch(job_id, f"job {waiting} of priority {priority} is waiting")
 
     def _rebuild_dit(self, group_index: int) -> asyncio.Task[None]:
         """Start rebuilding DiT group `group_index`, unless a rebuild is already under way; returns it.

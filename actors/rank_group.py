@@ -21,9 +21,12 @@ broken as on a death, with the failed rank, the call and its own error in the me
 that outlives its budget (`call_timeout_s`, or per step for the DiT) breaks the group too: a
 hang without any error. A rank learns of its own failure before the others can (it may then
 wait in a chunk-end check the others never reach), so a rank method may report early: written as
-a generator, it first yields None or its own error's headline, then its result (dit_group.py).
-`ping` runs in its own concurrency group, so a health check is answered while a long call runs;
-a rank that dies or stays silent past `health_check_timeout_s` breaks the group.
+a generator (a Ray streaming call), it yields `Progress` items (forwarded as they come to the
+caller's `on_progress`), a `Failed` item with its own error's headline as soon as it failed, and
+last its result (dit_group.py). `ping` runs in its own concurrency group, so a health check is
+answered while a long call runs; a rank that dies or stays silent past `health_check_timeout_s`
+breaks the group. A second group, `CONTROL_GROUP`, carries out-of-band calls that steer a running
+call (a DiT run's stop step, actors/step_control.py).
 
 GPU ranks: Ray normally masks CUDA_VISIBLE_DEVICES to the rank's own GPU; that per-process masking has
 been reported to keep NCCL off NVLink/P2P and to slow down or hang collectives on some systems
@@ -41,6 +44,7 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
@@ -55,6 +59,24 @@ from actors.resources import bundle_resources
 from parallel.launch import free_port
 
 logger = logging.getLogger(__name__)
+
+CONTROL_GROUP = "control"
+"""The rank actors' concurrency group (one thread) for calls that steer a running call."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """An item a rank's streaming call yields before its result; `RankGroup._gather` forwards the payload."""
+
+    payload: Any
+
+
+@dataclass(frozen=True)
+class Failed:
+    """What a rank's streaming call yields as soon as its own work failed (it raises later, after its group check)."""
+
+    headline: str
+
 
 GPU_RANK_ENV = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
 
@@ -177,8 +199,9 @@ class RankGroup:
         self._health_timeout_s = health_timeout_s
         self._bundle = bundle_resources(num_cpus, num_gpus, stage)
         self._actor_cls = actor_cls
-        # ping gets its own thread (concurrency group) so a health check is answered during a long call.
-        self._remote_cls = ray.remote(concurrency_groups={HEALTH_GROUP: 1})(actor_cls)
+        # ping gets its own thread (concurrency group) so a health check is answered during a long call, and
+        # so do the control calls that steer a running call.
+        self._remote_cls = ray.remote(concurrency_groups={HEALTH_GROUP: 1, CONTROL_GROUP: 1})(actor_cls)
         self._pg: PlacementGroup | None = None
         self._ranks: list[ActorHandle] = []
         self._ready = False  # every rank joined the group: set at the end of start(), cleared by teardown
@@ -328,11 +351,13 @@ class RankGroup:
             raise RuntimeError(f"{self.label} is not running; call start() first")
 
     async def _gather(self, calls: list[ray.ObjectRef | ray.ObjectRefGenerator], what: str, first_rank: int = 0,
-                      budget_s: float | None = None, budget_key: str = "") -> list[Any]:
+                      budget_s: float | None = None, budget_key: str = "",
+                      on_progress: Callable[[int, Any], None] | None = None) -> list[Any]:
         """Await one call per rank (calls[i] went to rank first_rank + i) and return their results.
 
-        A call is an ObjectRef, or the ObjectRefGenerator of a rank method that yields None or its own
-        error's headline first, then its result. The group is broken and StageActorDied raised
+        A call is an ObjectRef, or the ObjectRefGenerator of a rank method that yields `Progress` items
+        (each payload goes to on_progress(rank, payload) as it arrives), a `Failed` item as soon as its
+        own work failed, and last its result. The group is broken and StageActorDied raised
         (i) at once when a rank dies, (ii) when one rank has failed and others have not finished
         fault_grace_s later (they are stuck in a collective the failed rank left), (iii) when the
         call is not done after budget_s (budget_key names its config key). If every rank finishes,
@@ -348,7 +373,10 @@ class RankGroup:
                 changed.set()
             return report
 
-        futures = [asyncio.ensure_future(_rank_outcome(call, reporter(first_rank + i)))
+        def forwarder(rank: int) -> Callable[[Any], None] | None:
+            return None if on_progress is None else (lambda payload: on_progress(rank, payload))
+
+        futures = [asyncio.ensure_future(_rank_outcome(call, reporter(first_rank + i), forwarder(first_rank + i)))
                    for i, call in enumerate(calls)]
         for future in futures:  # errors we stop waiting for must not be reported as "never retrieved"
             future.add_done_callback(_consume)
@@ -407,14 +435,23 @@ class RankGroup:
             future.cancel()
 
 
-async def _rank_outcome(call: ray.ObjectRef | ray.ObjectRefGenerator, report: Callable[[str], None]) -> Any:
-    """One rank's result; its error's headline goes to `report` as soon as it is known (early for a stream)."""
+async def _rank_outcome(call: ray.ObjectRef | ray.ObjectRefGenerator, report: Callable[[str], None],
+                        forward: Callable[[Any], None] | None = None) -> Any:
+    """One rank's result; its error's headline goes to `report` as soon as it is known (early for a stream),
+    a stream's `Progress` payloads to `forward`."""
     try:
         if isinstance(call, ray.ObjectRefGenerator):
-            early = await (await call.__anext__())
-            if early is not None:
-                report(str(early))
-            return await (await call.__anext__())
+            result: Any = None
+            async for ref in call:
+                item = await ref
+                if isinstance(item, Failed):
+                    report(item.headline)
+                elif isinstance(item, Progress):
+                    if forward is not None:
+                        forward(item.payload)
+                else:
+                    result = item
+            return result
         return await call
     except Exception as exc:
         if not is_actor_death(exc):

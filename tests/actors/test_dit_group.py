@@ -14,6 +14,7 @@ import ray
 from actors.config import DiTConfig, ServiceConfig
 from actors.dit_group import DiTGroup
 from actors.errors import StageActorDied, StageStartError
+from actors.rank_group import Progress
 from models.wan import family as wan_family
 from models.wan.checkpoint import WanCheckpoint
 from stages.denoise import DenoiseStage
@@ -138,12 +139,18 @@ def test_chunk_check_catches_ranks_that_disagree(groups: dict[str, DiTGroup], re
         _outcome(one_fails[1])
     streams = [rank.run_steps.remote("job-d", 1) for rank in (rank0, rank1)]  # both issued before we wait
     ok = [_outcome(stream) for stream in streams]
-    assert [o[0] for o in ok] == [None, None] and [o[1]["step"] for o in ok] == [1, 1]  # no early error report
+    assert [len(o) for o in ok] == [1, 1] and [o[0]["step"] for o in ok] == [1, 1]  # no early report, no events
+    streams = [rank.run_steps.remote("job-d", 1, 2, True) for rank in (rank0, rank1)]  # with per-step events
+    ok = [_outcome(stream) for stream in streams]
+    assert [o[0] for o in ok] == [Progress({"step": 2, "total": STEPS, "seconds": o[1]["step_times"][0]})
+                                  for o in ok]
+    assert [o[1]["step"] for o in ok] == [2, 2]
     run(group.drop("job-d"))
 
 
 def _outcome(stream: Any) -> list[Any]:
-    """Everything a rank's run_steps stream yields (its early error report, then its result), or its error."""
+    """Everything a rank's run_steps stream yields (progress events, an early error report, its result), or its
+    error."""
     return [ray.get(ref, timeout=120) for ref in stream]
 
 
@@ -164,6 +171,63 @@ def test_ping_is_answered_while_a_chunk_runs(groups: dict[str, DiTGroup], reques
     healthy, chunk_done_at_ping, answer = run(ping_during_chunk())
     assert healthy and not chunk_done_at_ping and answer["done"]
     run(group.drop("job-long"))
+
+
+@pytest.mark.parametrize("name", ["single", "ulysses2"])
+def test_stop_ends_a_running_dispatch_on_every_rank_at_one_step(groups: dict[str, DiTGroup], request_data: Any,
+                                                               name: str, run: Callable) -> None:
+    """One dispatch of every step, per-step events streamed; a stop asked mid-run ends it at one step on every
+    rank (the end-of-run check would raise otherwise), and the job resumed to the end equals an unstopped run."""
+    group = groups[name]
+    params, positive, negative, _ = request_data
+    many = params.model_copy(update={"num_inference_steps": 40})
+
+    async def stopped_then_resumed() -> tuple[list[int], int | None, dict[str, Any], dict[str, Any]]:
+        await group.begin("job-stop", many, positive, negative)
+        seen: list[int] = []
+        stops: list[asyncio.Task[int | None]] = []
+
+        def on_step(event: dict[str, Any]) -> None:
+            seen.append(event["step"])
+            if event["step"] == 2:
+                stops.append(asyncio.ensure_future(group.stop("job-stop")))
+
+        first = await group.run_steps("job-stop", 40, on_step=on_step)
+        stop_step = await stops[0]
+        rest = await group.run_steps("job-stop", 40)
+        return seen, stop_step, first, rest
+
+    seen, stop_step, first, rest = run(stopped_then_resumed())
+    assert stop_step is not None and 2 <= stop_step < 40, stop_step
+    assert (first["step"], first["done"]) == (stop_step, False) and seen == list(range(1, stop_step + 1))
+    assert (rest["step"], rest["done"], len(rest["step_times"])) == (40, True, 40 - stop_step)
+    stopped = run(group.result("job-stop"))
+    run(group.begin("job-straight", many, positive, negative))
+    assert run(group.run_steps("job-straight", 40))["done"]
+    np.testing.assert_allclose(stopped, run(group.result("job-straight")), rtol=0, atol=1e-6)
+    assert run(group.stop("job-straight")) is None  # nothing runs: nothing to stop
+
+
+def test_stop_that_overtakes_its_dispatch_holds_it_at_its_first_step(groups: dict[str, DiTGroup],
+                                                                    request_data: Any, run: Callable) -> None:
+    """The ranks are busy with another job's run, so the stop reaches them before this run has begun."""
+    group = groups["auto2"]
+    params, positive, negative, _ = request_data
+    run(group.begin("job-race", params, positive, negative))
+    run(group.begin("job-busy", params.model_copy(update={"num_inference_steps": 20}), positive, negative))
+
+    async def stop_before_it_starts() -> tuple[int | None, dict[str, Any], dict[str, Any]]:
+        busy = asyncio.ensure_future(group.run_steps("job-busy", 20))
+        dispatch = asyncio.ensure_future(group.run_steps("job-race", STEPS))  # queued behind job-busy's run
+        await asyncio.sleep(0)
+        return await group.stop("job-race"), await dispatch, await busy
+
+    stop_step, out, busy = run(stop_before_it_starts())
+    assert stop_step == 0 and (out["step"], out["done"], out["step_times"]) == (0, False, [])
+    assert busy["done"]
+    assert run(group.run_steps("job-race", STEPS))["done"]  # the next run is not held by the old stop
+    for job in ("job-race", "job-busy"):
+        run(group.drop(job))
 
 
 def test_group_uses_one_strict_pack_bundle_per_rank(groups: dict[str, DiTGroup]) -> None:

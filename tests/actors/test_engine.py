@@ -237,11 +237,12 @@ def test_priority_cancel_and_metrics(
     metrics = RecordingMetrics()
 
     async def scenario() -> None:
-        engine = StageEngine(_config(tiny_model, tmp_path, **{"dit.chunk_steps": 1}), metrics=metrics)
+        # the default dispatch: all of a job's steps in one call, stopped out of band for priority and cancel
+        engine = StageEngine(_config(tiny_model, tmp_path), metrics=metrics)
         await engine.start()
         try:
             running = await engine.submit({**SMALL, "num_inference_steps": 30})
-            await _until(lambda: engine.status(running.id).status == "denoising")
+            await _until(lambda: engine.status(running.id).step >= 1)  # its one dispatch is under way
             low = await engine.submit({**SMALL, "prompt": "low"}, priority=0)
             high = await engine.submit({**SMALL, "prompt": "high"}, priority=5)
             doomed = await engine.submit({**SMALL, "prompt": "cancelled while queued"}, priority=-1)
@@ -249,17 +250,31 @@ def test_priority_cancel_and_metrics(
             records = [await engine.wait(j.id, timeout_s=120) for j in (running, low, high)]
             assert all(r.status == "succeeded" for r in records)
             low_rec, high_rec = records[1], records[2]
-            # the high-priority job overtook the earlier low-priority one at a chunk boundary
+            # the high-priority job overtook the earlier low-priority one
             assert high_rec.stage_times["denoise"][0] < low_rec.stage_times["denoise"][0]
-            # and it started before the running job finished (preemption between chunks)
+            # and it started before the running job finished: it stopped that job's dispatch at a step boundary
             assert high_rec.stage_times["denoise"][0] < records[0].stage_times["denoise"][1]
+
+            # per-step progress from one dispatch, and a cancel that stops it mid-way
+            long = await engine.submit(LONG)
+            steps: list[int] = []
+            async for event in engine.events(long.id):
+                if event["status"] == "denoising" and event["step"] and event["step"] not in steps:
+                    steps.append(event["step"])
+                if len(steps) == 3:
+                    break
+            assert steps == [1, 2, 3], steps
+            cancelled = await engine.cancel(long.id)
+            final = await engine.wait(long.id, timeout_s=60)
+            assert cancelled.status != "succeeded" and final.status == "cancelled"
+            assert 3 <= final.step < LONG["num_inference_steps"], final.step
         finally:
             await engine.shutdown()
 
     run(scenario())
-    assert sorted(metrics.finished) == ["cancelled", "succeeded", "succeeded", "succeeded"]
-    assert {stage: len(v) for stage, v in metrics.latencies.items()} == {"text_encode": 3, "denoise": 3, "decode": 3}
-    assert metrics.steps == 30 + 2 + 2
+    assert sorted(metrics.finished) == ["cancelled", "cancelled", "succeeded", "succeeded", "succeeded"]
+    assert {stage: len(v) for stage, v in metrics.latencies.items()} == {"text_encode": 4, "denoise": 3, "decode": 3}
+    assert 30 + 2 + 2 + 3 <= metrics.steps < 30 + 2 + 2 + LONG["num_inference_steps"]
     assert any(d["encode"] + d["denoise"] > 0 for d in metrics.depths) and metrics.depths[-1]["decode"] == 0
 
 
