@@ -121,7 +121,7 @@ class DiTRankActor(RankActor):
                   events: bool = False) -> Iterator[Progress | Failed | dict[str, Any]]:
         """Advance a job by up to max_steps, or to the stop step the engine sets meanwhile (`hold` / `stop_at`).
 
-        A Ray streaming call: with `events`, yields Progress({"step", "total", "seconds"}) after every step;
+        A Ray streaming call: with `events`, yields Progress({"step", "total", "seconds", "cache"}) after every step;
         yields Failed(headline) as soon as this rank's steps failed; last {"step", "total", "done",
         "step_times", "cache"} (this run's seconds per step), or it raises. run_id numbers the job's runs
         (dispatches), so a stop request for an earlier run cannot stop this one.
@@ -160,7 +160,7 @@ class DiTRankActor(RankActor):
                 self._stage.run_steps(job, 1)
                 control.stepped()
                 if events:
-                    yield Progress({"step": job.step, "total": job.total_steps, "seconds": job.step_times[-1]})
+                    yield Progress(self._progress(job))
         except Exception as exc:  # noqa: BLE001  # re-raised below, after the group check
             error = exc
             logger.error("rank %d: job %s failed in its run: %s", self.rank, job_id, error_headline(exc))
@@ -175,6 +175,12 @@ class DiTRankActor(RankActor):
         self._agreed[job_id] = job.step  # set on every rank or on none: the check raised on all of them or none
         yield {"step": job.step, "total": job.total_steps, "done": job.done, "step_times": job.step_times[first:],
                "cache": job.cache.stats.as_dict() if job.cache is not None else None}
+
+    @staticmethod
+    def _progress(job: "DenoiseJob") -> dict[str, Any]:
+        """A step event: {"step", "total", "seconds" (of that step), "cache" (counts so far, or None)}."""
+        return {"step": job.step, "total": job.total_steps, "seconds": job.step_times[-1],
+                "cache": job.cache.stats.as_dict() if job.cache is not None else None}
 
     def hold(self, job_id: str, run_id: int) -> int | None:
         """Control call (CONTROL_GROUP): run `run_id` of the job starts no step after its next boundary; returns
@@ -215,14 +221,19 @@ class DiTRankActor(RankActor):
             raise RuntimeError(f"job {job_id!r}: ranks disagree {when} ({ranges}); the group is inconsistent "
                                f"and must be restarted")
 
-    def result(self, job_id: str) -> np.ndarray:
-        """The finished job's latents (C, F', H', W') float32; the job is dropped."""
+    def result(self, job_id: str) -> tuple[list[int], np.ndarray]:
+        """The finished job's latents (C, F', H', W') float32, after their shape; the job is dropped.
+
+        Called with num_returns=2, so the two are separate objects: the caller awaits the shape (to learn
+        that the call succeeded) and hands the latents on by reference, without fetching them.
+        """
         job = self._job(job_id)
         if not job.done:
             raise ValueError(f"job {job_id!r} is at step {job.step} of {job.total_steps}; run the remaining steps "
                              f"before asking for the result")
         self._forget(job_id)
-        return job.latents.detach().to("cpu").float().numpy()
+        latents = job.latents.detach().to("cpu").float().numpy()
+        return list(latents.shape), latents
 
     def drop(self, job_id: str) -> None:
         """Forget a job (cancellation or cleanup); dropping an unknown job is fine."""
@@ -286,15 +297,15 @@ class DiTGroup(RankGroup):
 
     # ---- jobs ---------------------------------------------------------------------------------
 
-    async def begin(self, job_id: str, params: Mapping[str, Any], positive: ConditioningArrays,
-                    negative: ConditioningArrays | None, latents: np.ndarray | None = None) -> int:
-        """Create the job on every rank from ResolvedParams fields and the prompts' conditioning; returns total steps."""
+    async def begin(self, job_id: str, params: Mapping[str, Any], positive: ConditioningArrays | ray.ObjectRef,
+                    negative: ConditioningArrays | ray.ObjectRef | None, latents: np.ndarray | None = None) -> int:
+        """Create the job on every rank from ResolvedParams fields and the prompts' conditioning (arrays, or
+        references to them in the object store); returns total steps."""
         self._check_usable()
         if hasattr(params, "model_dump"):
             params = params.model_dump()  # a ResolvedParams instance
-        # One object-store copy of each array for all ranks.
-        args = [ray.put(positive), None if negative is None else ray.put(negative),
-                None if latents is None else ray.put(latents)]
+        # One object-store copy of each array for all ranks (references from the text-encoder pool already are).
+        args = [a if a is None or isinstance(a, ray.ObjectRef) else ray.put(a) for a in (positive, negative, latents)]
         refs = [r.start.remote(job_id, dict(params), *args) for r in self._ranks]
         try:
             totals = await self._gather(refs, f"start({job_id})", **self._budget(1))
@@ -308,8 +319,8 @@ class DiTGroup(RankGroup):
     async def run_steps(self, job_id: str, max_steps: int,
                         on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Advance the job by up to max_steps on all ranks (fewer when `stop` is called meanwhile); returns rank
-        0's {"step", "total", "done", "step_times", "cache"}. on_step gets rank 0's {"step", "total", "seconds"}
-        after every step, streamed while the run goes on (no call per step)."""
+        0's {"step", "total", "done", "step_times", "cache"}. on_step gets rank 0's {"step", "total", "seconds",
+        "cache"} after every step, streamed while the run goes on (no call per step)."""
         self._check_usable()
         run_id = self._run_ids[job_id] = self._run_ids.get(job_id, 0) + 1
         self._running[job_id] = run_id
@@ -352,14 +363,19 @@ class DiTGroup(RankGroup):
         logger.info("%s: job %s stops at step %d", self.label, job_id, step)
         return step
 
-    async def result(self, job_id: str) -> np.ndarray:
-        """The finished job's latents (C, F', H', W') float32 from rank 0; the job is dropped on every rank."""
+    async def result_ref(self, job_id: str) -> ray.ObjectRef:
+        """The finished job's latents (C, F', H', W') float32 from rank 0, as a reference into the object store
+        (the engine hands it to the VAE without fetching it); the job is dropped on every rank."""
         self._check_usable()
-        (latents,) = await self._gather([self._ranks[0].result.remote(job_id)], f"result({job_id})",
-                                        **self._budget(1))
+        shape, latents = self._ranks[0].result.options(num_returns=2).remote(job_id)
+        await self._gather([shape], f"result({job_id})", **self._budget(1))
         await self._drop_everywhere(job_id, first_rank=1)
         self._run_ids.pop(job_id, None)
         return latents
+
+    async def result(self, job_id: str) -> np.ndarray:
+        """`result_ref`'s latents, fetched."""
+        return await (await self.result_ref(job_id))
 
     async def drop(self, job_id: str) -> None:
         """Cancel: forget the job on every rank. Idempotent, and it never raises for a dead rank (the job

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol
 
-import numpy as np
+import ray
 
 from actors.config import ServiceConfig
 from actors.dit_group import DiTGroup
@@ -39,7 +39,7 @@ from actors.job_store import TERMINAL_STATUSES, JobRecord, JobStore
 from actors.pool import GroupPool, StagePool
 from actors.resources import ClusterResources, check_fits, fit_to_cluster, placement_plan
 from actors.scheduler import QueueFull, StageScheduler
-from actors.stage_actors import ConditioningArrays, TextEncoderActor, VAEDecoderActor
+from actors.stage_actors import TextEncoderActor, VAEDecoderActor
 from actors.vae_group import VAEGroup
 from models.registry import describe, resolve_model_path
 from stages.media import output_suffix
@@ -87,8 +87,11 @@ class NullMetrics:
 
 @dataclass
 class _Embeddings:
-    positive: ConditioningArrays
-    negative: ConditioningArrays | None
+    """A job's prompt conditioning, as references into the object store (`ConditioningArrays` there); the
+    negative one refers to None when the job is not guided."""
+
+    positive: ray.ObjectRef
+    negative: ray.ObjectRef
 
 
 class StageEngine:
@@ -125,7 +128,7 @@ class StageEngine:
         self.dit_groups = [DiTGroup(cfg, i, model=model) for i in range(cfg.dit.groups)]
 
         self._embeddings: dict[str, _Embeddings] = {}
-        self._latents: dict[str, np.ndarray] = {}
+        self._latents: dict[str, ray.ObjectRef] = {}  # final latents (C, F', H', W') in the object store
         self._owner: dict[str, int] = {}  # job id -> DiT group holding its denoising state
         self._subscribers: dict[str, set[asyncio.Queue[dict[str, Any]]]] = {}
         self._changed: asyncio.Condition | None = None
@@ -399,7 +402,8 @@ class StageEngine:
             await self._stage_started(job_id, "text_encode", "encoding")
         requests = [(p.prompt, p.negative_prompt if p.guided else None) for p in params.values()]
         try:
-            outputs = await self.text_pool.call("encode", requests)
+            # the arrays stay in the object store: the engine keeps references and hands them to the DiT group
+            _, *parts = await self.text_pool.call("encode_apart", requests, num_returns=1 + 2 * len(requests))
         except StageActorDied as exc:
             for job_id in batch:
                 await self._retry_or_fail(job_id, "encode", exc)
@@ -408,7 +412,7 @@ class StageEngine:
             for job_id in batch:
                 await self._fail(job_id, f"text encoding failed: {error_headline(exc)}", exc)
             return
-        for job_id, (positive, negative) in zip(batch, outputs):
+        for job_id, positive, negative in zip(batch, parts[0::2], parts[1::2]):
             await self._stage_finished(job_id, "text_encode")
             if self.scheduler.is_cancelled(job_id):
                 await self._finish(job_id, "cancelled")
@@ -463,7 +467,7 @@ class StageEngine:
             if not out["done"]:
                 self.scheduler.chunk_done(job_id, finished=False)
                 return
-            self._latents[job_id] = await group.result(job_id)
+            self._latents[job_id] = await group.result_ref(job_id)
             self._owner.pop(job_id, None)
             await self._stage_finished(job_id, "denoise")
             self.scheduler.chunk_done(job_id, finished=True)
@@ -482,8 +486,9 @@ class StageEngine:
         record = self._records.get(job_id)
         if record is None or record.done:
             return
+        cache = {"cache": event["cache"]} if event.get("cache") is not None else {}
         record = dataclasses.replace(record, step=int(event["step"]), total_steps=int(event["total"]),
-                                     updated_at=time.time())
+                                     updated_at=time.time(), **cache)
         self._records[job_id] = record
         self._publish(record)
 

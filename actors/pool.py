@@ -226,9 +226,12 @@ class StagePool:
         logger.info("%s pool started: %d actors of %s, bundle %s", self.name, self.size, self._actor_cls.__name__,
                     self._bundle)
 
-    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    async def call(self, method: str, *args: Any, num_returns: int = 1, **kwargs: Any) -> Any:
         """Run `method` on the next idle actor (FIFO among waiters).
 
+        num_returns > 1: the method returns that many values as separate objects; the first is awaited
+        and returned with references to the others, which stay in the object store (for the next stage's
+        actors to read; this process never fetches them).
         Raises StageActorDied if the actor died (its replacement is spawned before this raises and
         takes the slot once loaded);
         any other exception from the actor propagates unchanged.
@@ -241,8 +244,11 @@ class StagePool:
             actor = self._actors[index]
             if actor is None:  # an earlier replacement failed to load: try once more now
                 actor = await self._respawn(index)
-            result = await asyncio.wait_for(getattr(actor, method).remote(*args, **kwargs),
-                                            self._cfg.call_timeout_s)
+            refs = getattr(actor, method).options(num_returns=num_returns).remote(*args, **kwargs)
+            first, rest = (refs, []) if num_returns == 1 else (refs[0], refs[1:])
+            result = await asyncio.wait_for(first, self._cfg.call_timeout_s)
+            if rest:
+                result = [result, *rest]
         except BaseException as exc:
             if isinstance(exc, asyncio.TimeoutError):
                 detail = (f"actor {index} ({self._actor_cls.__name__}) did not finish {method}() within "

@@ -83,6 +83,13 @@ class TextEncoderActor:
         out = self.stage.run(list(requests))
         return [(e.positive.to_numpy(), None if e.negative is None else e.negative.to_numpy()) for e in out]
 
+    def encode_apart(self, requests: list[tuple[str, str | None]]) -> tuple[Any, ...]:
+        """`encode`, returned as 1 + 2n objects (call it with num_returns = 1 + 2n for n requests): n, then each
+        request's positive and negative conditioning, so the caller can await the count (to learn that the
+        call succeeded) and hand each array on by reference without fetching it."""
+        out = self.encode(requests)
+        return (len(out), *(part for pair in out for part in pair))
+
     def ping(self) -> str:
         """Answers once the weights are loaded (the constructor runs before any method)."""
         return f"text_encode pid {os.getpid()}"

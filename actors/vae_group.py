@@ -76,10 +76,12 @@ class VAEGroup(RankGroup):
     async def _rank_args(self) -> tuple[Any, ...]:
         return str(await asyncio.to_thread(resolve_model_folder, self._model_arg)), self.device
 
-    async def decode(self, latents: np.ndarray, out_path: str, fps: int, record: dict[str, Any]) -> dict[str, Any]:
-        """latents (C, F', H', W') -> media file + sidecar, decoded by all ranks; rank 0's result dict."""
+    async def decode(self, latents: np.ndarray | ray.ObjectRef, out_path: str, fps: int,
+                     record: dict[str, Any]) -> dict[str, Any]:
+        """latents (C, F', H', W'), or a reference to them -> media file + sidecar, decoded by all ranks; rank 0's
+        result dict."""
         self._check_usable()
-        ref = ray.put(latents)  # one object-store copy for all ranks
+        ref = latents if isinstance(latents, ray.ObjectRef) else ray.put(latents)  # one copy for all ranks
         results = await self._gather([r.decode.remote(ref, out_path, fps, record) for r in self._ranks], "decode",
                                      budget_s=self._call_timeout_s, budget_key="vae.call_timeout_s")
         return results[0]

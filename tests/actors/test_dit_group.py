@@ -142,8 +142,8 @@ def test_chunk_check_catches_ranks_that_disagree(groups: dict[str, DiTGroup], re
     assert [len(o) for o in ok] == [1, 1] and [o[0]["step"] for o in ok] == [1, 1]  # no early report, no events
     streams = [rank.run_steps.remote("job-d", 1, 2, True) for rank in (rank0, rank1)]  # with per-step events
     ok = [_outcome(stream) for stream in streams]
-    assert [o[0] for o in ok] == [Progress({"step": 2, "total": STEPS, "seconds": o[1]["step_times"][0]})
-                                  for o in ok]
+    assert [o[0] for o in ok] == [Progress({"step": 2, "total": STEPS, "seconds": o[1]["step_times"][0],
+                                            "cache": None}) for o in ok]
     assert [o[1]["step"] for o in ok] == [2, 2]
     run(group.drop("job-d"))
 

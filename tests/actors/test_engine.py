@@ -10,6 +10,7 @@ from typing import Any, Awaitable, Callable, Iterator
 
 import numpy as np
 import pytest
+import ray
 
 from actors.config import ServiceConfig
 from actors.engine import StageEngine
@@ -53,7 +54,6 @@ def test_service_runs_a_request_on_a_two_rank_dit_group_and_a_patch_parallel_vae
         parallel_engine: StageEngine, tiny_model: str, run: Callable[[Awaitable[Any]], Any]) -> None:
     """Same pixels as the in-process Pipeline: a png is lossless, so only uint8 rounding may differ (the
     CFG-parallel DiT and the strip decode sum in another order than one process)."""
-    import ray
 
     from stages.media import read_video
     from stages.pipeline import Pipeline
@@ -97,7 +97,6 @@ def test_decode_errors_pass_through_the_group_pool(parallel_engine: StageEngine,
 def test_killed_vae_rank_raises_then_its_group_is_rebuilt(
         parallel_engine: StageEngine, tmp_path: Path, run: Callable[[Awaitable[Any]], Any],
         wait_until_dead: Callable[..., None]) -> None:
-    import ray
 
     engine = parallel_engine
     (group,) = engine.vae_pool.groups
@@ -119,7 +118,6 @@ def test_killed_vae_rank_raises_then_its_group_is_rebuilt(
 
 def test_killed_dit_rank_is_retried_and_the_next_job_succeeds(
         ray_cluster: None, tiny_model: str, tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
-    import ray
 
     async def scenario() -> None:
         engine = StageEngine(_config(tiny_model, tmp_path, **{"dit.world_size": 2, "scheduler.max_attempts": 2}))
@@ -159,7 +157,6 @@ def test_killed_dit_rank_is_retried_and_the_next_job_succeeds(
 
 def test_job_fails_clearly_when_retries_run_out(
         ray_cluster: None, tiny_model: str, tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
-    import ray
 
     async def scenario() -> None:
         engine = StageEngine(_config(tiny_model, tmp_path, **{"scheduler.max_attempts": 1}))
@@ -232,6 +229,23 @@ class RecordingMetrics:
         self.finished.append(status)
 
 
+def _record_payload_types(engine: StageEngine) -> list[type]:
+    """The types of the arrays the engine passes to DiT groups (conditioning) and the VAE pool (latents)."""
+    seen: list[type] = []
+    group, begin, decode = engine.dit_groups[0], engine.dit_groups[0].begin, engine.vae_pool.call
+
+    async def recording_begin(job_id: str, params: Any, positive: Any, negative: Any, *rest: Any) -> int:
+        seen.extend([type(positive), type(negative)])
+        return await begin(job_id, params, positive, negative, *rest)
+
+    async def recording_decode(method: str, latents: Any, *rest: Any, **kwargs: Any) -> Any:
+        seen.append(type(latents))
+        return await decode(method, latents, *rest, **kwargs)
+
+    group.begin, engine.vae_pool.call = recording_begin, recording_decode  # type: ignore[method-assign]
+    return seen
+
+
 def test_priority_cancel_and_metrics(
         ray_cluster: None, tiny_model: str, tmp_path: Path, run: Callable[[Awaitable[Any]], Any]) -> None:
     metrics = RecordingMetrics()
@@ -240,6 +254,7 @@ def test_priority_cancel_and_metrics(
         # the default dispatch: all of a job's steps in one call, stopped out of band for priority and cancel
         engine = StageEngine(_config(tiny_model, tmp_path), metrics=metrics)
         await engine.start()
+        handed_on = _record_payload_types(engine)
         try:
             running = await engine.submit({**SMALL, "num_inference_steps": 30})
             await _until(lambda: engine.status(running.id).step >= 1)  # its one dispatch is under way
@@ -268,6 +283,8 @@ def test_priority_cancel_and_metrics(
             final = await engine.wait(long.id, timeout_s=60)
             assert cancelled.status != "succeeded" and final.status == "cancelled"
             assert 3 <= final.step < LONG["num_inference_steps"], final.step
+            # the engine handed conditioning and latents on as object-store references, never holding arrays
+            assert handed_on and set(handed_on) == {ray.ObjectRef}, handed_on
         finally:
             await engine.shutdown()
 
