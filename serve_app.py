@@ -57,7 +57,7 @@ _OPENAI_STATUS = {"queued": "queued", "encoding": "in_progress", "denoising": "i
 JOB_ID_PATTERN = r"^(video|img)_[0-9a-f]{32}$"  # what JobStore.create makes; checked before any lookup
 IMAGE_ID_PATTERN = r"^img_[0-9a-f]{32}$"
 PUBLIC_PATHS = ("/healthz", "/readyz")  # besides /docs and /openapi.json, open even when API keys are set
-_STOP_WAIT_S = 60.0  # how long DELETE waits for a running job to stop at its next chunk boundary
+_STOP_WAIT_S = 60.0  # how long DELETE waits for a running job to stop (at its next step boundary when denoising)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -820,7 +820,8 @@ class VideoService:
         return await self.video_content(image_id)
 
     async def cancel_video(self, video_id: str = _JobId) -> JSONResponse:
-        """A queued job stops at once, a running one at its next chunk of steps; finished jobs are unchanged."""
+        """A queued job stops at once, a running one at its next denoising step (or when its encode or decode
+        returns); finished jobs are unchanged."""
         self.engine.status(video_id)
         return JSONResponse(video_object(await self.engine.cancel(video_id), self.model_name))
 

@@ -8,8 +8,12 @@ first submit to the last job finished. In-process: `Pipeline.generate` + writing
 sidecar (the VAE actor writes them too) for the N requests in a row, with `--inproc-threads`
 torch threads (default: cores). Unless `--no-one-thread-baseline`, the same in-process run with one
 torch thread is a third subject, to separate the gain from pipelining from the gain of one thread
-per stage. Unless `--no-chunk-all`, a second engine with dit.chunk_steps = 1000 (one dispatch per
-job) is a fourth subject. All subjects run every repeat, the order rotating per repeat.
+per stage. The service runs with its default configuration (one dispatch per job, rank 0 streaming a
+progress event per step); unless `--no-dispatch-baseline`, a second engine with dit.step_events = false
+(one dispatch per job and no per-step events: the least the engine can do per job) is its baseline,
+reported as the default's paired throughput ratio against it. `--chunk-steps N` adds an engine with
+dit.chunk_steps = N (N = 1: a dispatch per step, the old default) and the cost of one more dispatch.
+All subjects run every repeat, the order rotating per repeat.
 
 Threads in the actors: the stage actors do not take a thread count; Ray sets OMP_NUM_THREADS =
 max(1, floor(num_cpus)) in each actor process before torch loads, so with 2 cores each actor
@@ -56,7 +60,7 @@ from benchmarks._common import (RESULTS, STAGES, Size, busy_time, command, loada
 
 logger = logging.getLogger("pipeline_throughput")
 
-CHUNK_ALL = 1000
+DEFAULT, ONE_DISPATCH = "service_default", "service_one_dispatch_no_events"
 
 
 def _actor_threads(actor: Any) -> dict[str, Any]:
@@ -150,16 +154,14 @@ async def bench(args: argparse.Namespace, model: str, tmp: Path) -> dict[str, An
     from stages.pipeline import Pipeline
 
     share = math.floor(args.cores / 3 * 1e4) / 1e4
-    modes = {f"service_chunk{args.chunk_steps}": args.chunk_steps}
-    if not args.no_chunk_all and args.chunk_steps != CHUNK_ALL:
-        modes["service_chunk_all"] = CHUNK_ALL
+    modes = service_modes(args)
     engines: dict[str, Any] = {}
     started = time.perf_counter()
-    for name, chunk in modes.items():
+    for name, overrides in modes.items():
         cfg = ServiceConfig.load(overrides={
             "model": model, "job_store": str(tmp / f"{name}.sqlite"), "output_dir": str(tmp / name),
-            "text_encoder.num_cpus": share, "dit.num_cpus": share, "vae.num_cpus": share, "dit.chunk_steps": chunk,
-            "scheduler.max_pending_jobs": max(32, args.requests)})
+            "text_encoder.num_cpus": share, "dit.num_cpus": share, "vae.num_cpus": share,
+            "scheduler.max_pending_jobs": max(32, args.requests), **overrides})
         engines[name] = StageEngine(cfg)
     try:
         await asyncio.gather(*(e.start() for e in engines.values()))
@@ -222,19 +224,36 @@ async def bench(args: argparse.Namespace, model: str, tmp: Path) -> dict[str, An
             s["stage_busy_per_request_s"] = {k: median(r["stage_busy_per_request_s"][k] for r in rs) for k in STAGES}
             s["stage_utilisation"] = {k: median(r["stage_utilisation"][k] for r in rs) for k in STAGES}
             s["slowest_stage"] = [r["slowest_stage"] for r in rs]
-            s["chunk_steps"] = modes[name]
-            s["dispatches_per_job"] = -(-size.steps // modes[name])
+            s["overrides"] = modes[name]
+            s["dispatches_per_job"] = dispatches(modes[name], size.steps)
         summary[name] = s
+    if ONE_DISPATCH in runs:
+        summary[DEFAULT]["ratio_vs_one_dispatch_paired_median"] = median(
+            r["throughput_rps"] / b["throughput_rps"] for r, b in zip(runs[DEFAULT], runs[ONE_DISPATCH]))
     per_dispatch = None
-    if len(modes) == 2:
-        (n1, c1), (n2, c2) = modes.items()
-        d1, d2 = -(-size.steps // c1), -(-size.steps // c2)
-        if d1 != d2:  # both engines ran the same requests under the same conditions, interleaved
-            extra_s = summary[n1]["stage_mean_s"]["denoise"] - summary[n2]["stage_mean_s"]["denoise"]
-            per_dispatch = 1000 * extra_s / (d1 - d2)
+    chunked = [n for n in modes if n not in (DEFAULT, ONE_DISPATCH)]
+    if chunked and summary[chunked[0]]["dispatches_per_job"] > 1:  # the same requests, interleaved
+        extra_s = summary[chunked[0]]["stage_mean_s"]["denoise"] - summary[DEFAULT]["stage_mean_s"]["denoise"]
+        per_dispatch = 1000 * extra_s / (summary[chunked[0]]["dispatches_per_job"] - 1)
     return {"startup_s": startup_s, "denoise_ms_per_extra_dispatch": per_dispatch, "actor_threads": threads,
             "cpus_per_actor": share, "warmup_s": warmup_s, "baseline": baseline, "summary": summary, "runs": runs,
             "probes": probes}
+
+
+def service_modes(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Engine name -> its config overrides: the default, the one-dispatch baseline, an optional chunked one."""
+    modes: dict[str, dict[str, Any]] = {DEFAULT: {}}
+    if not args.no_dispatch_baseline:
+        modes[ONE_DISPATCH] = {"dit.step_events": False}
+    if args.chunk_steps is not None:
+        modes[f"service_chunk{args.chunk_steps}"] = {"dit.chunk_steps": args.chunk_steps}
+    return modes
+
+
+def dispatches(overrides: dict[str, Any], steps: int) -> int:
+    """DiT dispatches per job of an engine with these overrides."""
+    chunk = overrides.get("dit.chunk_steps")
+    return 1 if chunk is None else -(-steps // chunk)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -247,14 +266,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cores", type=int, default=2, help="CPUs of the in-process run = sum of the actors' num_cpus")
     parser.add_argument("--inproc-threads", type=int, default=None, help="torch threads in process (default: --cores)")
     parser.add_argument("--no-one-thread-baseline", action="store_true", help="skip the 1-thread in-process subject")
-    parser.add_argument("--chunk-steps", type=int, default=1, help="dit.chunk_steps of the main engine (1 = default)")
-    parser.add_argument("--no-chunk-all", action="store_true", help="skip the chunk_steps=all engine")
+    parser.add_argument("--chunk-steps", type=int, default=None,
+                        help="also run an engine with dit.chunk_steps = N (1: one dispatch per step)")
+    parser.add_argument("--no-dispatch-baseline", action="store_true",
+                        help="skip the engine without per-step events (dit.step_events = false)")
     parser.add_argument("--actor-threads", type=int, default=None,
                         help="torch.set_num_threads(K) in every stage actor (default: leave Ray's choice)")
     parser.add_argument("--out", type=Path, default=RESULTS / "pipeline_throughput.json")
     args = parser.parse_args(argv)
     args.inproc_threads = args.inproc_threads or args.cores
-    if args.requests < 1 or args.repeats < 1 or args.cores < 1 or not 1 <= args.chunk_steps <= CHUNK_ALL:
+    if args.requests < 1 or args.repeats < 1 or args.cores < 1 or not 1 <= (args.chunk_steps or 1) <= 1000:
         parser.error("--requests, --repeats, --cores must be >= 1 and --chunk-steps in 1..1000")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -262,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     load_before = loadavg()
     began = time.perf_counter()
-    n_engines = 1 if args.no_chunk_all or args.chunk_steps == CHUNK_ALL else 2
+    n_engines = len(service_modes(args))
     with tempfile.TemporaryDirectory(prefix="sd-pipeline-throughput-") as tmp_name:
         tmp = Path(tmp_name)
         model = write_tiny_model(tmp)
@@ -287,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "in_process_stage_mean_s": base["stage_mean_s"]},
         "config": {"requests": args.requests, "repeats": args.repeats, "warmup": args.warmup, "cores": args.cores,
                    "inproc_threads": args.inproc_threads, "chunk_steps": args.chunk_steps,
-                   "chunk_all": n_engines == 2, "actor_threads_set": args.actor_threads},
+                   "engines": service_modes(args), "actor_threads_set": args.actor_threads},
         "machine": machine(load_before, actor_threads=out["actor_threads"],
                            actor_threads_note="actors take no thread count; Ray sets OMP_NUM_THREADS = "
                                               "max(1, floor(num_cpus)) in each actor process"),
@@ -326,8 +347,11 @@ def main(argv: list[str] | None = None) -> dict:
                  ">=2 / 3 stages busy", "busy text/DiT/VAE"], rows))
     pr = out["probes"]
     per_dispatch = out["denoise_ms_per_extra_dispatch"]
-    print(f"\nstage times are means per request (service: from the jobs' timings, while the other stages run; "
-          f"in process: alone). Service denoise cost per extra dispatch (chunk_steps=1 minus chunk_steps=all, "
+    ratio = summ[DEFAULT].get("ratio_vs_one_dispatch_paired_median")
+    print(f"\ndefault service (per-step events) vs one dispatch per job without events: "
+          f"{'n/a' if ratio is None else f'{ratio:.3f}x'} throughput (paired median).")
+    print(f"stage times are means per request (service: from the jobs' timings, while the other stages run; "
+          f"in process: alone). Service denoise cost per extra dispatch (--chunk-steps engine minus the default, "
           f"over the extra dispatches): {'n/a' if per_dispatch is None else f'{per_dispatch:.1f} ms'}. "
           f"Floors measured in this run: job-store update {pr['job_store_update_ms']:.1f} ms, no-op Ray call "
           f"{pr['ray_noop_call_ms']:.1f} ms.")

@@ -4,9 +4,10 @@ Service: POST /v1/videos, wait for completion on the server-sent events stream
 GET /v1/videos/{id}/events (no polling bias; `--detect poll --poll-ms 10` polls instead), then
 GET /v1/videos/{id}/content (the mp4 bytes). In-process: `Pipeline.generate` + writing the same
 mp4 and JSON sidecar, in this process. The tiny model (wan-tiny, seeded random weights) is written
-to a temp folder. One Serve application per dispatch mode runs side by side: `dit.chunk_steps =
---chunk-steps` (default 1, the service default: one Ray call per denoising step) and, unless
-`--no-chunk-all`, chunk_steps = 1000 (all steps in one dispatch). Every repeat runs every subject
+to a temp folder. The service runs with its default configuration (one dispatch per job, rank 0
+streaming a progress event per step, which the client's SSE stream delivers); `--chunk-steps N` adds a
+second Serve application beside it with dit.chunk_steps = N (N = 1: one Ray call per denoising step,
+the old default) and the cost of one more dispatch. Every repeat runs every subject
 on the same request (same seed), the order rotating per repeat, so slow drifts of a shared machine
 hit all subjects alike; "paired" numbers are medians of per-repeat ratios / differences.
 
@@ -44,7 +45,6 @@ from benchmarks._common import (RESULTS, STAGES, Size, command, loadavg, machine
 logger = logging.getLogger("serve_overhead")
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-CHUNK_ALL = 1000  # the config's maximum: every request here has fewer steps, so one dispatch per job
 # service breakdown keys, in time order; their sum is the total
 PARTS = ("post_to_encode_start", "text_encode", "encode_to_denoise", "denoise", "denoise_to_decode", "decode",
          "decode_end_to_notified", "download")
@@ -120,11 +120,11 @@ def run_service(client: Any, prefix: str, size: Size, seed: int, args: argparse.
     return out
 
 
-def summarise(size: Size, mode: str, chunk: int, service: list[dict], inproc: list[dict]) -> dict[str, Any]:
+def summarise(size: Size, mode: str, chunk: int | None, service: list[dict], inproc: list[dict]) -> dict[str, Any]:
     keys = list(service[0])
     med_s = {k: median(r[k] for r in service) for k in keys}
     med_i = {k: median(r[k] for r in inproc) for k in inproc[0]}
-    dispatches = -(-size.steps // chunk)
+    dispatches = 1 if chunk is None else -(-size.steps // chunk)
     return {
         "size": size.spec, "mode": mode, "chunk_steps": chunk, "dispatches_per_job": dispatches,
         "median_s": {"service": med_s, "in_process": med_i},
@@ -143,14 +143,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sizes", default="64x64x17x20,32x32x5x4", help="HEIGHTxWIDTHxFRAMESxSTEPS, comma-separated")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1, help="untimed requests per size and subject first")
-    parser.add_argument("--chunk-steps", type=int, default=1, help="dit.chunk_steps of the main service (1 = default)")
-    parser.add_argument("--no-chunk-all", action="store_true", help="skip the chunk_steps=all (one dispatch) service")
+    parser.add_argument("--chunk-steps", type=int, default=None,
+                        help="also run a service with dit.chunk_steps = N (1: one dispatch per step)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in-process = num_cpus per stage actor")
     parser.add_argument("--detect", choices=("sse", "poll"), default="sse", help="how the client sees completion")
     parser.add_argument("--poll-ms", type=float, default=10.0, help="poll interval with --detect poll")
     parser.add_argument("--out", type=Path, default=RESULTS / "serve_overhead.json")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.threads < 1 or not 1 <= args.chunk_steps <= CHUNK_ALL:
+    if args.repeats < 1 or args.threads < 1 or not 1 <= (args.chunk_steps or 1) <= 1000:
         parser.error("--repeats and --threads must be >= 1, --chunk-steps in 1..1000")
     sizes = parse_sizes(args.sizes)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -167,9 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     load_before = loadavg()
     began = time.perf_counter()
-    modes = [(f"chunk{args.chunk_steps}", args.chunk_steps)]
-    if not args.no_chunk_all and args.chunk_steps != CHUNK_ALL:
-        modes.append(("chunk_all", CHUNK_ALL))
+    modes: list[tuple[str, int | None]] = [("default", None)]
+    if args.chunk_steps is not None:
+        modes.append((f"chunk{args.chunk_steps}", args.chunk_steps))
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="sd-serve-overhead-") as tmp_name:
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
                 cfg = ServiceConfig.load(overrides={
                     "model": model, "job_store": str(tmp / f"{mode}.sqlite"), "output_dir": str(tmp / mode),
                     "text_encoder.num_cpus": args.threads, "vae.num_cpus": args.threads,
-                    "dit.num_cpus": args.threads, "dit.chunk_steps": chunk})
+                    "dit.num_cpus": args.threads, **({} if chunk is None else {"dit.chunk_steps": chunk})})
                 targets.append(serve.RunTarget(build_app(cfg), name=f"sd-bench-{mode}", route_prefix=f"/{mode}"))
             serve.run_many(targets)  # the apps start side by side
             startup_s = time.perf_counter() - started
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": command("serve_overhead.py", argv),
         "service_startup_s": startup_s,
         # per-dispatch cost floors, measured on this machine during the run: the engine does one job-store
-        # update (SQLite commit, synchronous=FULL, i.e. an fsync) and one Ray call per denoise chunk
+        # update (SQLite commit, synchronous=FULL, i.e. an fsync) and one Ray call per denoise dispatch
         "probes": probes,
         "denoise_ms_per_extra_dispatch": per_dispatch,
         "warmup_total_s": warm,
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "", "", ms(i["total"]), ms(i["stage_sum"]), ms(i["other"])])
         rows.append([r["size"], r["mode"], *(ms(s[k]) for k in PARTS), ms(s["total"]), ms(s["stage_sum"]),
                      ms(s["queue_dispatch_overhead"])])
-    print("\nservice denoise cost per extra dispatch (chunk_steps=1 minus chunk_steps=all, over the extra "
+    print("\nservice denoise cost per extra dispatch (--chunk-steps service minus the default, over the extra "
           "dispatches): " + (", ".join(f"{k} {v:.1f} ms" for k, v in per_dispatch.items()) or "n/a")
           + f"; floors measured in this run: job-store update (SQLite commit, synchronous=FULL) "
           f"{probes['job_store_update_ms']:.1f} ms, no-op Ray actor call {probes['ray_noop_call_ms']:.1f} ms")
