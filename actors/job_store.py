@@ -344,12 +344,18 @@ class JobStore:
         with self._lock, self._transaction():
             return self._update_locked(job_id, fields)
 
-    def mark_stage(self, job_id: str, stage: str, start: bool) -> JobRecord:
-        """Record now as the start (`start=True`) or end of `stage`, to show when stages overlapped.
+    def mark_stage(self, job_id: str, stage: str, start: bool, **fields: Any) -> JobRecord:
+        """Record now as the start (`start=True`) or end of `stage`, to show when stages overlapped; an end
+        also records the stage's seconds in `timings`. `fields` are updated in the same transaction (one
+        commit per stage change, e.g. the new status), as `update` takes them.
 
         A start replaces any earlier interval of that stage (a retry starts afresh); an end
         needs a start first.
         """
+        unknown = set(fields) - UPDATABLE_FIELDS
+        if unknown:
+            raise TypeError(f"cannot update {sorted(unknown)} of a job; updatable fields are "
+                            f"{sorted(UPDATABLE_FIELDS)}")
         with self._lock, self._transaction():
             current = self._get_locked(job_id)
             now = self._clock()
@@ -361,7 +367,8 @@ class JobStore:
                     raise ValueError(f"stage {stage!r} of job {job_id} was never started; call "
                                      f"mark_stage({job_id!r}, {stage!r}, start=True) first")
                 interval = [previous[0], now]
-            return self._update_locked(job_id, {"stage_times": {stage: interval}}, current, now)
+                fields = {**fields, "timings": {**fields.get("timings", {}), stage: now - previous[0]}}
+            return self._update_locked(job_id, {**fields, "stage_times": {stage: interval}}, current, now)
 
     def delete(self, job_id: str) -> bool:
         """Remove a job's record; False if there was none."""

@@ -185,9 +185,9 @@ class SlowStore(JobStore):
         time.sleep(self.delay_s)
         return super().update(job_id, **fields)
 
-    def mark_stage(self, job_id: str, stage: str, start: bool) -> JobRecord:
+    def mark_stage(self, job_id: str, stage: str, start: bool, **fields: Any) -> JobRecord:
         time.sleep(self.delay_s)
-        return super().mark_stage(job_id, stage, start)
+        return super().mark_stage(job_id, stage, start, **fields)
 
 
 async def _until(predicate: Callable[[], bool], timeout_s: float) -> float:

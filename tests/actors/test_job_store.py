@@ -150,9 +150,14 @@ def test_mark_stage_records_start_then_end(store: JobStore) -> None:
     store.mark_stage(rec.id, "denoise", start=True)
     rec = store.mark_stage(rec.id, "encode", start=False)
     assert rec.stage_times == {"encode": [1003.0, 1005.0], "denoise": [1004.0]}
-    assert rec.updated_at == 1005.0
+    assert rec.updated_at == 1005.0 and rec.timings == {"encode": 2.0}  # an end records the stage's seconds
     rec = store.mark_stage(rec.id, "encode", start=True)  # a retry starts the stage afresh
     assert rec.stage_times["encode"] == [1006.0]
+    # a stage change and the other fields it brings are one transaction
+    rec = store.mark_stage(rec.id, "denoise", start=False, status="decoding", step=0)
+    assert (rec.status, rec.stage_times["denoise"], rec.timings["denoise"]) == ("decoding", [1004.0, 1007.0], 3.0)
+    with pytest.raises(TypeError, match="cannot update"):
+        store.mark_stage(rec.id, "decode", start=True, colour="red")
 
 
 def test_progress_formula_and_frozen_value_after_failure_or_cancel(store: JobStore) -> None:
