@@ -336,9 +336,8 @@ class StageEngine:
         await self._update(job_id, status=status)
 
     async def _stage_finished(self, job_id: str, stage: str) -> None:
-        start, end = (await self._store(self.store.mark_stage, job_id, stage, start=False)).stage_times[stage]
-        await self._store(self.store.update, job_id, timings={stage: end - start})
-        self.metrics.stage_latency(stage, end - start)
+        record = await self._store(self.store.mark_stage, job_id, stage, start=False)  # records timings too
+        self.metrics.stage_latency(stage, record.timings[stage])
 
     async def _finish(self, job_id: str, status: str, **fields: Any) -> None:
         self.scheduler.finish(job_id)
